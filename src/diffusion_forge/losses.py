@@ -1,0 +1,219 @@
+"""Training objectives and the variational bound.
+
+Simplified loss (Ho et al. 2020), for a prediction target y(x_0, eps, t) of the chosen kind:
+
+    L_simple = E_{t ~ U{0..T-1}, x_0, eps} [ w(t) || model(x_t, t) - y ||^2 ]
+
+Min-SNR-gamma weighting (Hang et al. 2023) clips the per-timestep weight of the equivalent
+x_0-loss at gamma: w_x0 = min(SNR, gamma). Expressed for each target (since ||eps - eps_hat||^2 =
+SNR ||x_0 - x0_hat||^2 and ||v - v_hat||^2 = (SNR + 1) ||x_0 - x0_hat||^2):
+
+    epsilon: min(SNR, gamma) / SNR      sample: min(SNR, gamma)      v_prediction: min(SNR, gamma) / (SNR + 1)
+
+Variational bound (Sohl-Dickstein et al. 2015; Ho et al. 2020; Nichol & Dhariwal 2021), in nats,
+with the reverse process p(x_{t-1} | x_t) = N(mu(x_t, x0_hat), var_t) built from the model's x_0:
+
+    L = KL(q(x_{T-1} | x_0) || N(0, I))                                 (prior term)
+      + sum_{t=1}^{T-1} KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))   (one term per t)
+      - log p(x_0 | x at t = 0)                                          (discretised Gaussian decoder)
+
+and bits/dim = L / (D ln 2) for D dimensions of 8-bit data scaled to [-1, 1].
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import torch
+
+from .process import PREDICTIONS, check_prediction, from_x0_eps, posterior_coefficients, q_sample, to_x0_eps
+from .schedules import NoiseSchedule
+
+F64 = torch.float64
+Variance = Literal["beta_tilde", "beta"]
+
+
+def _check_prediction_for(schedule: NoiseSchedule, prediction: str) -> None:
+    check_prediction(prediction, PREDICTIONS)
+    if schedule.zero_terminal_snr and prediction == "epsilon":
+        raise ValueError("prediction='epsilon' cannot be used with a zero-terminal-SNR schedule: at SNR 0 "
+                         "x_0 = (x_t - eps) / 0 cannot be recovered; use 'v_prediction' or 'sample'")
+
+
+def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The simplified loss
+
+def training_target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """What the network should output for this (x_0, eps, t): eps, x_0 or v = a eps - s x_0."""
+    return from_x0_eps(x0, noise, check_prediction(prediction), alpha_bar)
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Per-timestep weight of min-SNR-gamma for the given prediction target (see the module docstring)."""
+    check_prediction(prediction)
+    if gamma <= 0:
+        raise ValueError(f"min_snr_gamma must be > 0 (5 is the paper's choice), got {gamma}")
+    clipped = snr.clamp(max=gamma)
+    return {"epsilon": clipped / snr, "sample": clipped, "v_prediction": clipped / (snr + 1)}[prediction]
+
+
+def sample_timesteps(batch: int, schedule: NoiseSchedule, generator: torch.Generator | None = None) -> torch.Tensor:
+    """t ~ U{0, ..., T-1}, drawn on the CPU (float64, shape (batch,))."""
+    return torch.randint(0, schedule.num_timesteps, (batch,), generator=generator).to(F64)
+
+
+def diffusion_loss(
+    model: Callable[..., torch.Tensor],
+    x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    prediction: str = "epsilon",
+    min_snr_gamma: float | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduction: Literal["mean", "none"] = "mean",
+    **cond,
+) -> torch.Tensor:
+    """The simplified loss of ``model(x_t, t, **cond)`` on a batch of clean data x_0.
+
+    t and eps are drawn on the CPU from ``generator`` unless given. With ``reduction="none"`` the
+    per-sample losses (mean over the non-batch dimensions, weights applied) are returned."""
+    _check_prediction_for(schedule, prediction)
+    if t is None:
+        t = sample_timesteps(x0.shape[0], schedule, generator)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
+    alpha_bar = schedule.alpha_bar_at(t)
+    x_t = q_sample(x0, t, noise, schedule)
+    target = training_target(prediction, x0, noise, alpha_bar)
+    out = model(x_t, torch.as_tensor(t).to(device=x0.device, dtype=torch.float32), **cond)
+    per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)
+    if min_snr_gamma is not None:
+        snr = alpha_bar / (1 - alpha_bar)
+        per_sample = per_sample * min_snr_weight(snr, min_snr_gamma, prediction).to(per_sample)
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+# ---------------------------------------------------------------------------------------------
+# The variational bound
+
+def normal_kl(mean1: torch.Tensor, var1: torch.Tensor, mean2: torch.Tensor, var2: torch.Tensor) -> torch.Tensor:
+    """KL(N(m1, v1) || N(m2, v2)) elementwise = 0.5 (log v2/v1 + (v1 + (m1 - m2)^2) / v2 - 1)."""
+    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                                        bins: int = 256) -> torch.Tensor:
+    """log P(x) for x on the ``bins`` levels of [-1, 1], P = the N(mean, std^2) mass of x's bin
+    [x - 1/(bins-1), x + 1/(bins-1)]; the first and last bins extend to -inf and +inf."""
+    half = 1.0 / (bins - 1)
+    upper = torch.where(x > 1 - half, torch.full_like(x, math.inf), (x + half - mean) / std)
+    lower = torch.where(x < -1 + half, torch.full_like(x, -math.inf), (x - half - mean) / std)
+    # P = Phi(upper) - Phi(lower), computed on the side of the mean where it does not cancel
+    flip = lower > 0
+    lo, up = torch.where(flip, -upper, lower), torch.where(flip, -lower, upper)
+    log_up, log_lo = torch.special.log_ndtr(up), torch.special.log_ndtr(lo)
+    return log_up + torch.log1p(-torch.exp((log_lo - log_up).clamp(max=0)).clamp(max=1 - 1e-15))
+
+
+def reverse_variance(schedule: NoiseSchedule, variance: Variance = "beta_tilde") -> torch.Tensor:
+    """The fixed variance of p(x_{t-1} | x_t) per t: beta_tilde_t or beta_t (Ho et al.'s two choices),
+    with the t = 0 entry set to beta_tilde_1 so the decoder has a non-zero width (as improved-diffusion)."""
+    ab, ab_prev, beta = schedule.alphas_cumprod, schedule.alphas_cumprod_prev, schedule.betas
+    beta_tilde = (1 - ab_prev) / (1 - ab) * beta
+    if variance not in ("beta_tilde", "beta"):
+        raise ValueError(f"unknown variance {variance!r}; choose one of: beta_tilde, beta")
+    var = beta_tilde.clone() if variance == "beta_tilde" else beta.clone()
+    var[0] = beta_tilde[1]
+    return var
+
+
+def prior_term(x0: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """KL(q(x_{T-1} | x_0) || N(0, I)) summed over dimensions, per sample (nats)."""
+    ab = schedule.alphas_cumprod[-1]
+    x = x0.to(F64)
+    kl = normal_kl(ab.sqrt() * x, (1 - ab).expand_as(x), torch.zeros_like(x), torch.ones_like(x))
+    return kl.flatten(1).sum(1)
+
+
+def vlb_term(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, x0_pred: torch.Tensor,
+             schedule: NoiseSchedule, variance: Variance = "beta_tilde") -> torch.Tensor:
+    """The bound's term at integer timesteps t (shape (batch,)), per sample, in nats:
+    KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t >= 1 and -log p(x_0 | x at t=0) for t = 0."""
+    x0, x_t, x0_pred = x0.to(F64), x_t.to(F64), x0_pred.to(F64)
+    c_x0, c_xt, beta_tilde = posterior_coefficients(schedule, t)
+    c_x0, c_xt, beta_tilde = _rows(c_x0, x0), _rows(c_xt, x0), _rows(beta_tilde, x0)
+    var = _rows(reverse_variance(schedule, variance)[torch.as_tensor(t).long()], x0)
+    mean_q, mean_p = c_x0 * x0 + c_xt * x_t, c_x0 * x0_pred + c_xt * x_t  # posterior means, true vs model
+    safe_q = torch.where(beta_tilde > 0, beta_tilde, torch.ones_like(beta_tilde))
+    kl = normal_kl(mean_q, safe_q.expand_as(x0), mean_p, var.expand_as(x0)).flatten(1).sum(1)
+    decoder = -discretized_gaussian_log_likelihood(x0, mean_p, var.sqrt()).flatten(1).sum(1)
+    return torch.where(torch.as_tensor(t) == 0, decoder, kl)
+
+
+def _x0_from_model(model, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, prediction: str,
+                   **cond) -> torch.Tensor:
+    out = model(x_t, t.to(torch.float32), **cond)
+    return to_x0_eps(out.to(F64), prediction, x_t.to(F64), schedule.alpha_bar_at(t))[0]
+
+
+@torch.no_grad()
+def variational_bound(
+    model: Callable[..., torch.Tensor],
+    x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    prediction: str = "epsilon",
+    generator: torch.Generator | None = None,
+    variance: Variance = "beta_tilde",
+    **cond,
+) -> torch.Tensor:
+    """The full bound per sample in nats: prior + all T terms (T network calls per batch)."""
+    _check_prediction_for(schedule, prediction)
+    total = prior_term(x0, schedule)
+    for step in range(schedule.num_timesteps):
+        t = torch.full((x0.shape[0],), float(step), dtype=F64)
+        noise = torch.randn(x0.shape, generator=generator, dtype=F64)
+        x_t = q_sample(x0.to(F64), t, noise, schedule)
+        total = total + vlb_term(x0, x_t, t, _x0_from_model(model, x_t.to(x0.dtype), t, schedule, prediction, **cond),
+                                 schedule, variance)
+    return total
+
+
+@torch.no_grad()
+def variational_bound_mc(
+    model: Callable[..., torch.Tensor],
+    x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    prediction: str = "epsilon",
+    num_t: int = 32,
+    generator: torch.Generator | None = None,
+    variance: Variance = "beta_tilde",
+    **cond,
+) -> torch.Tensor:
+    """An unbiased estimate of :func:`variational_bound` from ``num_t`` network calls per sample:
+    stratified Monte Carlo over t (one uniform draw in each of num_t equal strata of {0..T-1}, each
+    term weighted by its stratum's size). Returns per-sample estimates in nats."""
+    _check_prediction_for(schedule, prediction)
+    T, n = schedule.num_timesteps, x0.shape[0]
+    if not 1 <= num_t <= T:
+        raise ValueError(f"num_t must lie in [1, {T}] (the schedule's num_timesteps), got {num_t}")
+    edges = torch.linspace(0, T, num_t + 1, dtype=F64).round().long()
+    total = prior_term(x0, schedule)
+    for k in range(num_t):
+        lo, hi = int(edges[k]), int(edges[k + 1])
+        t = torch.randint(lo, hi, (n,), generator=generator).to(F64)
+        noise = torch.randn(x0.shape, generator=generator, dtype=F64)
+        x_t = q_sample(x0.to(F64), t, noise, schedule)
+        term = vlb_term(x0, x_t, t, _x0_from_model(model, x_t.to(x0.dtype), t, schedule, prediction, **cond),
+                        schedule, variance)
+        total = total + (hi - lo) * term
+    return total
+
+
+def bits_per_dim(nats: torch.Tensor, dims: int) -> torch.Tensor:
+    """Convert a per-sample bound in nats over ``dims`` dimensions to bits per dimension."""
+    return nats / (dims * math.log(2))
