@@ -94,6 +94,9 @@ def spaced_timesteps(T: int, n: int, spacing: Spacing = "leading", steps_offset:
 
     linspace: round(linspace(0, T-1, n));   leading: (0, k, 2k, ...) + offset with k = T // n;
     trailing: round(T - i * T/n) - 1 for i = 0..n-1 (so it always starts at T - 1).
+
+    For trailing, numpy's arange(T, 0, -T/n) sometimes yields n + 1 values, the last being -1 (e.g.
+    T = 15, n = 13); diffusers keeps that out-of-range step, we keep the first n.
     """
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"steps must be an integer >= 1, got {n!r}")
@@ -104,10 +107,10 @@ def spaced_timesteps(T: int, n: int, spacing: Spacing = "leading", steps_offset:
     elif spacing == "leading":
         ts = (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
     elif spacing == "trailing":
-        ts = np.round(np.arange(T, 0, -T / n)) - 1
+        ts = (np.round(np.arange(T, 0, -T / n)) - 1)[:n]  # diffusers' arithmetic, bit for bit
     else:
         raise _choice_error("spacing", spacing, SPACINGS)
-    return torch.from_numpy(np.ascontiguousarray(ts, dtype=np.float64))
+    return torch.tensor(np.array(ts, dtype=np.float64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,9 +292,9 @@ class NoiseSchedule:
         lo = t.floor().long().clamp(max=self.num_timesteps - 2)
         w = t - lo
         a, b = log_s[lo], log_s[lo + 1]
-        # a zero-SNR end has log sigma = +inf; avoid inf * 0 = nan when w == 0
-        out = torch.where(w == 0, a, torch.where(w == 1, b, (1 - w) * a + w * b))
-        return out.exp()
+        between = ((1 - w) * a + w * b).exp()
+        # integer t reads the table exactly (and avoids inf * 0 = nan at a zero-SNR end)
+        return torch.where(w == 0, self.sigmas[lo], torch.where(w == 1, self.sigmas[lo + 1], between))
 
     def alpha_bar_at(self, t) -> torch.Tensor:
         """alpha_bar(t) = 1 / (1 + sigma(t)^2) for fractional t."""
