@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # subcommand name -> module in this package
-COMMANDS = {"demo": "demo"}
+COMMANDS = {"demo": "demo", "train": "train", "sample": "sample"}
 
 
 class UserError(Exception):

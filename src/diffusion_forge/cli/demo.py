@@ -1,26 +1,65 @@
-"""`dforge demo`: the main job on bundled data, written under one output folder."""
+"""`dforge demo`: train the default recipe on bundled MNIST and write its pictures under one folder.
+
+The output folder is itself the run folder of the training (config.json, checkpoints/, samples/,
+metrics.jsonl, loss.png), plus samples.png, schedules.png and forward.png. Running the demo again
+resumes or reuses the finished run.
+"""
 from __future__ import annotations
 
 import argparse
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the demo on bundled MNIST and write its pictures",
-                       description="Plot the noise schedules and a bundled MNIST digit turning into noise.",
+    p = sub.add_parser("demo", help="train the default recipe on bundled MNIST and write its pictures",
+                       description="Plot the noise schedules and a digit turning into noise, train the default "
+                                   "recipe on MNIST (about 10 minutes on 2 CPU cores), sample it, and score the "
+                                   "samples with the digit classifier.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="outputs/demo", help="folder for the demo's files")
+    p.add_argument("--out", default="outputs/demo", help="folder for the demo's files (also the run folder)")
+    p.add_argument("--n", type=int, default=1000, help="samples drawn and scored by the digit classifier")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override a key of the default recipe (see `dforge train --help`), e.g. steps=500")
+    p.add_argument("--no-score", action="store_true", help="skip the digit-classifier score")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from pathlib import Path
 
-    from ..data import load_mnist, to_model_range
-    from ..viz import plot_forward_strip, plot_schedules
+    from ..checkpoint import load_model_from_run
+    from ..data import load_mnist, to_model_range, to_uint8
+    from ..training import TrainingDiverged, generate, parse_set_flags, run_config, train
+    from ..viz import plot_forward_strip, plot_schedules, save_image_grid
 
     out = Path(args.out)
     images, _ = load_mnist("test")
     plot_schedules(out / "schedules.png")
     plot_forward_strip(out / "forward.png", to_model_range(images[:1])[0])
     print(f"wrote {out / 'schedules.png'} and {out / 'forward.png'}")
+
+    flags = {"data": "mnist", **parse_set_flags(args.overrides)}
+    cfg, _ = run_config(out, None, flags, allow_changes=True)
+    try:
+        summary = train(cfg, out, progress=not args.no_progress)
+    except TrainingDiverged as e:
+        print(f"dforge demo: error: {e}")
+        return 1
+    if summary["interrupted"]:
+        return 130
+
+    trained = load_model_from_run(out)
+    x = generate(trained, args.n, seed=0, sampler=cfg.sampler, steps=cfg.sample_steps)
+    samples = to_uint8(x)
+    save_image_grid(samples[:100], out / "samples.png", nrow=10)
+    print(f"wrote {out / 'samples.png'} ({min(args.n, 100)} of {args.n} samples, step {trained.step}, EMA weights, "
+          f"{cfg.sampler} with {cfg.sample_steps} steps) and the loss curve {out / 'loss.png'}")
+    if not args.no_score:
+        try:
+            from ..evaluate import digit_confidence_score
+        except ImportError:
+            return 0
+        score = digit_confidence_score(samples)
+        print(f"digit classifier: {score:.1%} of {args.n} samples are labelled with confidence >= 0.9 "
+              f"(target: at least 80%)")
     return 0

@@ -1,0 +1,220 @@
+"""Sampler accuracy against NFE, ours and diffusers', measured in the same run.
+
+The data distribution is a Gaussian mixture in 8 dimensions, so E[x0 | x_t] is known in closed form: the
+"network" is the exact denoiser (returned as an epsilon prediction in float32, as a real network would be),
+and every difference between samplers is discretisation error. For each NFE budget in {5, 10, 20, 50} every
+sampler runs at the largest step count whose network evaluations fit the budget (counted, not assumed), from
+the same per-sample seeds, on the linear (DDPM) schedule with 1000 training steps. Errors: Frechet distance
+(evaluate.frechet_distance) and sliced Wasserstein-1 distance (64 random directions) to fresh true samples;
+the "real vs real" row is the floor given by two independent true sample sets of the same size.
+
+    python benchmarks/samplers.py [--n 20000] [--budgets 5 10 20 50]
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import diffusion_forge as df  # noqa: E402
+from diffusion_forge.evaluate import frechet_distance_features  # noqa: E402
+from diffusion_forge.samplers import SAMPLERS  # noqa: E402
+
+BUDGETS = (5, 10, 20, 50)
+DIM, COMPONENTS = 8, 8
+
+
+class GaussianMixture:
+    """x0 ~ sum_k w_k N(mu_k, diag(s_k^2)); under x_t = a x0 + sqrt(1 - a^2) eps the posterior mean is
+    E[x0 | x_t] = sum_k p(k | x_t) (mu_k + a s_k^2 / (a^2 s_k^2 + 1 - a^2) (x_t - a mu_k))."""
+
+    def __init__(self, seed: int = 0, dim: int = DIM, k: int = COMPONENTS):
+        g = torch.Generator().manual_seed(seed)
+        self.mu = (torch.rand(k, dim, generator=g, dtype=torch.float64) * 1.6 - 0.8)
+        self.std = torch.rand(k, dim, generator=g, dtype=torch.float64) * 0.2 + 0.05
+        w = torch.rand(k, generator=g, dtype=torch.float64) + 0.5
+        self.w = w / w.sum()
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        k = torch.multinomial(self.w, n, replacement=True, generator=generator)
+        return self.mu[k] + self.std[k] * torch.randn(n, self.mu.shape[1], generator=generator, dtype=torch.float64)
+
+    def posterior_mean(self, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        a = alpha_bar.sqrt()[:, None, None]                                 # (n, 1, 1)
+        var = a**2 * self.std**2 + (1 - a**2)                               # (n, k, d)
+        diff = x_t[:, None, :] - a * self.mu                                # (n, k, d)
+        logp = self.w.log() - 0.5 * (diff**2 / var + var.log()).sum(-1)     # (n, k)
+        resp = torch.softmax(logp, dim=1)[..., None]
+        return (resp * (self.mu + a * self.std**2 / var * diff)).sum(1)
+
+    def model(self, schedule: df.NoiseSchedule, prediction: str = "epsilon"):
+        """model(x_t, t) returning the exact prediction of the given kind (float32, like a network)."""
+        def model(x_t, t):
+            x_t = x_t.double()
+            ab = schedule.alpha_bar_at(t.double().cpu().clamp(0, schedule.num_timesteps - 1))
+            x0 = self.posterior_mean(x_t, ab)
+            eps = (x_t - ab.sqrt()[:, None] * x0) / (1 - ab).sqrt()[:, None]
+            return df.from_x0_eps(x0, eps, prediction, ab).float()
+        model.calls = 0
+        return model
+
+
+def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: int = 64, seed: int = 0) -> float:
+    """Mean over random unit directions of the 1-D Wasserstein-1 distance between the projected sets."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(x.shape[1], projections, generator=g, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0)
+    px, py = (x.double() @ dirs).sort(0).values, (y.double() @ dirs).sort(0).values
+    return float((px - py).abs().mean())
+
+
+def errors(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    return frechet_distance_features(x.double().numpy(), ref.double().numpy()), sliced_wasserstein(x, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations
+
+def ours(name: str, sigmas: str = "default", **kw):
+    """One of our samplers; returns (label, run(model, schedule, shape, budget, seed) -> samples)."""
+    spec = SAMPLERS[name]
+    label = f"ours {name}" + ("" if sigmas == "default" else f" ({sigmas})")
+
+    def run(model, schedule, shape, budget, seed):
+        n = spec.steps_for(budget)
+        if n == 0:
+            return None
+        return df.sample(model, schedule, shape, sampler=name, steps=n, sigmas=sigmas,
+                         generator=torch.Generator().manual_seed(seed), **kw)
+    return label, run
+
+
+def theirs(label: str, cls_name: str, **config):
+    """A diffusers scheduler at the largest step count whose model calls (len(timesteps)) fit the budget."""
+    def run(model, schedule, shape, budget, seed):
+        import diffusers
+        cls = getattr(diffusers, cls_name)
+        accepted = inspect.signature(cls.__init__).parameters
+        base = {k: v for k, v in schedule.to_diffusers_config().items() if k in accepted}
+        sched = cls(**base, **config)
+        n = 0
+        for m in range(1, budget + 1):
+            try:
+                sched.set_timesteps(m)
+            except ValueError:  # e.g. PNDM's Runge-Kutta start needs a few steps
+                continue
+            if len(sched.timesteps) <= budget:
+                n = m
+        if n == 0:
+            return None
+        return df.sample(model, schedule, shape, scheduler=sched, steps=n,
+                         generator=torch.Generator().manual_seed(seed))
+    return f"diffusers {label}", run
+
+
+def diffusers_configs():
+    clip = {"clip_sample": False}
+    return [
+        theirs("DDIM (leading)", "DDIMScheduler", timestep_spacing="leading", steps_offset=1, **clip),
+        theirs("DDIM (trailing)", "DDIMScheduler", timestep_spacing="trailing", **clip),
+        theirs("PNDM", "PNDMScheduler"),
+        theirs("PNDM (PLMS)", "PNDMScheduler", skip_prk_steps=True),
+        theirs("LMS", "LMSDiscreteScheduler"),
+        theirs("Euler", "EulerDiscreteScheduler"),
+        theirs("Euler ancestral", "EulerAncestralDiscreteScheduler"),
+        theirs("Heun", "HeunDiscreteScheduler"),
+        theirs("DPM++ 2M", "DPMSolverMultistepScheduler"),
+        theirs("DPM++ 2M Karras", "DPMSolverMultistepScheduler", use_karras_sigmas=True),
+        theirs("DPM++ 2M SDE Karras", "DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++",
+               use_karras_sigmas=True),
+        theirs("DPM++ 3M", "DPMSolverMultistepScheduler", solver_order=3),
+        theirs("UniPC (leading)", "UniPCMultistepScheduler", timestep_spacing="leading"),
+        theirs("UniPC (trailing)", "UniPCMultistepScheduler", timestep_spacing="trailing"),
+        theirs("DEIS", "DEISMultistepScheduler"),
+    ]
+
+
+def our_configs():
+    return [ours(name) for name in SAMPLERS]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def measure(configs, budgets=BUDGETS, n: int = 20000, seed: int = 0, schedule=None, verbose: bool = False):
+    """{label: {budget: (frechet, sliced_wasserstein) or None}} and the real-vs-real floor."""
+    torch.set_num_threads(1)
+    schedule = schedule or df.NoiseSchedule.from_name("linear", 1000)
+    gmm = GaussianMixture(seed)
+    model = gmm.model(schedule)
+    ref = gmm.sample(n, torch.Generator().manual_seed(seed + 1))
+    floor = errors(gmm.sample(n, torch.Generator().manual_seed(seed + 2)), ref)
+    table = {}
+    for label, run in configs:
+        t0 = time.time()
+        row = {}
+        for b in budgets:
+            x = run(model, schedule, (n, DIM), b, seed + 3)
+            row[b] = None if x is None else errors(x, ref)
+        table[label] = row
+        if verbose:
+            print(f"  {label}: {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+    return table, floor
+
+
+def winners(table, budgets=BUDGETS, prefix: str = "ours ", metric: int = 1) -> dict[int, str]:
+    """The label with the smallest error (sliced Wasserstein by default) per budget among those with ``prefix``."""
+    out = {}
+    for b in budgets:
+        rows = [(r[b][metric], label) for label, r in table.items() if label.startswith(prefix) and r[b] is not None]
+        out[b] = min(rows)[1]
+    return out
+
+
+def markdown(table, floor, budgets=BUDGETS) -> str:
+    head = "| sampler | " + " | ".join(f"FD @{b}" for b in budgets) + " | " + " | ".join(f"SWD @{b}" for b in budgets) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(budgets))]
+    best = {b: {m: min(r[b][m] for r in table.values() if r[b] is not None) for m in (0, 1)} for b in budgets}
+
+    def cell(v, b, m):
+        if v is None:
+            return "n/a"
+        s = f"{v[m]:.4f}"
+        return f"**{s}**" if v[m] == best[b][m] else s
+    for label, r in table.items():
+        lines.append(f"| {label} | " + " | ".join(cell(r[b], b, 0) for b in budgets) + " | "
+                     + " | ".join(cell(r[b], b, 1) for b in budgets) + " |")
+    lines.append("| real vs real (floor) | " + " | ".join(f"{floor[0]:.4f}" for _ in budgets) + " | "
+                 + " | ".join(f"{floor[1]:.4f}" for _ in budgets) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=20000, help="samples per configuration")
+    p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
+    p.add_argument("--only", choices=("ours", "diffusers", "all"), default="all")
+    args = p.parse_args(argv)
+    configs = ([] if args.only == "diffusers" else our_configs()) + ([] if args.only == "ours" else diffusers_configs())
+    t0 = time.time()
+    table, floor = measure(configs, tuple(args.budgets), args.n, verbose=True)
+    print(markdown(table, floor, tuple(args.budgets)))
+    w_ours = winners(table, tuple(args.budgets))
+    if args.only == "all":
+        w_theirs = winners(table, tuple(args.budgets), prefix="diffusers ")
+        print("\n| NFE | our best (SWD) | diffusers' best (SWD) | ratio |\n|---|---|---|---|")
+        for b in args.budgets:
+            o, t = table[w_ours[b]][b][1], table[w_theirs[b]][b][1]
+            print(f"| {b} | {w_ours[b]} {o:.4f} | {w_theirs[b]} {t:.4f} | {o / t:.2f} |")
+    print(f"\nour winners per budget: { {b: w.removeprefix('ours ') for b, w in w_ours.items()} }")
+    print(f"n = {args.n} samples, dim = {DIM}, {COMPONENTS} components; {time.time() - t0:.0f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

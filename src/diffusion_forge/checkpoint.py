@@ -1,0 +1,409 @@
+"""The one checkpoint writer and reader.
+
+A training run keeps its checkpoints under ``RUN/checkpoints/``, one folder per saved step:
+
+    checkpoints/step-00001000/
+        model.safetensors       the model's weights (as trained, not averaged)
+        ema.safetensors         the EMA weights (what sampling uses by default)
+        optimizer.safetensors   the optimiser's per-parameter tensors, flattened "state.<i>.<name>"
+        state.json              everything else: format, format_version, step, the run's config,
+                                the optimiser's non-tensor parts, EMA counters, loss scaler,
+                                RNG states (base64), and a SHA-256 of each tensor file
+
+No pickle anywhere: safetensors for tensors, JSON for the rest. A checkpoint folder is written
+under a temporary name and renamed into place once every file is complete and synced, so it
+appears whole or not at all; a crash mid-write leaves the previous checkpoints untouched. Only the
+newest ``keep`` checkpoints are kept. Loading checks the format, the version and the hashes and
+raises :class:`CheckpointError` with a clear message on a corrupt or foreign folder.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "diffusion_forge.checkpoint"
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step-(\d+)$")
+TENSOR_FILES = ("model", "ema", "optimizer")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, foreign, or from an unknown format version."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers: atomic files, hashes, RNG states as JSON
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported on this platform
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a file under a temporary name, sync it, and rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict:
+    """The global RNG states (torch CPU, CUDA, NumPy, Python) as JSON-able values."""
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {"torch": _b64(torch.get_rng_state()), "numpy": np_state,
+             "python": [py_version, list(py_internal), py_gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    np_state = dict(state["numpy"])
+    np_state["state"] = dict(np_state["state"], key=np.asarray(np_state["state"]["key"], dtype=np.uint32))
+    np.random.set_state(np_state)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser state <-> (flat tensors, JSON)
+
+def flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into flat tensors ``state.<i>.<name>`` and a JSON part."""
+    tensors, scalars = {}, {}
+    for idx, per_param in state_dict["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, per_param in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(per_param)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+def _state_dict(module) -> dict[str, torch.Tensor]:
+    """A module's state as contiguous CPU tensors that share no memory (what safetensors needs)."""
+    sd = module.state_dict() if hasattr(module, "state_dict") else module
+    return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    model,
+    ema=None,
+    optimizer=None,
+    scaler=None,
+    config: dict | None = None,
+    extra: dict | None = None,
+    keep: int = 3,
+    save_rng: bool = True,
+) -> Path:
+    """Write ``root/step-<step>/`` atomically and keep only the newest ``keep`` checkpoints.
+
+    ``model`` is an ``nn.Module`` (unwrapped) or a state dict; ``ema`` an :class:`~.ema.EMA`;
+    ``optimizer`` a torch optimiser; ``scaler`` a GradScaler (its state goes to JSON)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a crash during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        state: dict = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
+                       "config": config or {}, "extra": extra or {}, "files": {}}
+        files = {"model": _state_dict(model)}
+        if ema is not None:
+            files["ema"] = ema.state_dict()
+            state["ema"] = ema.meta()
+        if optimizer is not None:
+            files["optimizer"], state["optimizer"] = flatten_optimizer(optimizer.state_dict())
+        if scaler is not None and scaler.is_enabled():
+            state["scaler"] = scaler.state_dict()
+        if save_rng:
+            state["rng"] = rng_state()
+        for name, tensors in files.items():
+            path = tmp / f"{name}.safetensors"
+            save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+            _fsync_file(path)
+            state["files"][name] = _sha256(path)
+        write_json(tmp / "state.json", state)
+        _fsync_dir(tmp)
+        aside = None
+        if final.exists():  # saving the same step again: move the old one aside first
+            aside = root / f".tmp-old-{step:08d}-{os.getpid()}"
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune_checkpoints(root, keep)
+    return final
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (renamed away first, so never half-deleted in place)."""
+    if keep < 1:
+        return
+    for old in list_checkpoints(root)[:-keep]:
+        trash = old.with_name(f".tmp-trash-{old.name}-{os.getpid()}")
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders under ``root``, oldest first (by step)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its folder, step, JSON state and tensor files (loaded on first use)."""
+
+    path: Path
+    state: dict
+    _tensors: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def config(self) -> dict:
+        return self.state.get("config", {})
+
+    def has(self, name: str) -> bool:
+        return name in self.state["files"]
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._tensors:
+            if not self.has(name):
+                raise CheckpointError(f"checkpoint {self.path} holds no {name} weights")
+            try:
+                self._tensors[name] = load_file(str(self.path / f"{name}.safetensors"))
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"cannot read {self.path / (name + '.safetensors')}: {e}") from e
+        return self._tensors[name]
+
+    def restore(self, model=None, ema=None, optimizer=None, scaler=None, rng: bool = False) -> None:
+        """Load what is given from this checkpoint (strictly: every weight must match)."""
+        if model is not None:
+            _load_strict(model, self.tensors("model"), self.path / "model.safetensors")
+        if ema is not None:
+            if not self.has("ema"):
+                raise CheckpointError(f"checkpoint {self.path} holds no EMA weights")
+            _check_fits(ema.module, self.tensors("ema"), self.path / "ema.safetensors")
+            ema.load(self.tensors("ema"), self.state["ema"])
+        if optimizer is not None:
+            optimizer.load_state_dict(unflatten_optimizer(self.tensors("optimizer"), self.state["optimizer"]))
+        if scaler is not None and "scaler" in self.state and scaler.is_enabled():
+            scaler.load_state_dict(self.state["scaler"])
+        if rng and "rng" in self.state:
+            set_rng_state(self.state["rng"])
+
+
+def _load_strict(module, tensors: dict, where: Path) -> None:
+    _check_fits(module, tensors, where)
+    module.load_state_dict(tensors)
+
+
+def _check_fits(module, tensors: dict, where: Path) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", wrong))
+                 if keys]
+        raise CheckpointError(f"{where} does not fit this model ({'; '.join(parts)}); "
+                              "was it written for another model configuration?")
+
+
+def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+    """Open a checkpoint folder (or a run folder / its ``checkpoints/``: then the newest valid one)
+    and validate it: format, format_version, and (``verify``) the SHA-256 of each tensor file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    if not (path / "state.json").exists() and (list_checkpoints(path) or (path / "checkpoints").is_dir()):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"{path} holds no complete checkpoint yet")
+        return found
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a Diffusion Forge checkpoint (no state.json)")
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{state_file} is corrupt: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a Diffusion Forge checkpoint (format {state.get('format')!r} "
+                              f"in state.json, expected {FORMAT!r})" if isinstance(state, dict)
+                              else f"{state_file} is not a Diffusion Forge checkpoint")
+    version = state.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise CheckpointError(f"{path} has checkpoint format_version {version!r}; this version of "
+                              f"diffusion_forge reads versions 1..{FORMAT_VERSION} (upgrade it?)")
+    for key in ("step", "files"):
+        if key not in state:
+            raise CheckpointError(f"{state_file} is corrupt: no {key!r} entry")
+    for name, digest in state["files"].items():
+        f = path / f"{name}.safetensors"
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {f.name} is missing")
+        if verify and _sha256(f) != digest:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {f.name} does not match its recorded SHA-256")
+    return Checkpoint(path, state)
+
+
+def latest_checkpoint(root: str | os.PathLike, verify: bool = True) -> Checkpoint | None:
+    """The newest valid checkpoint under ``root`` (a run folder or its ``checkpoints/``), or None.
+    A corrupt newer one is skipped with a warning naming it."""
+    root = Path(root)
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    for path in reversed(list_checkpoints(root)):
+        try:
+            return load_checkpoint(path, verify=verify)
+        except CheckpointError as e:
+            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained model, ready to sample
+
+@dataclass
+class TrainedModel:
+    """What sampling needs from a run: the network and the process it was trained for."""
+
+    model: torch.nn.Module
+    schedule: "object"  # NoiseSchedule
+    prediction: str
+    sample_shape: tuple[int, ...]  # one sample's shape, e.g. (1, 28, 28)
+    config: dict
+    step: int
+    num_classes: int = 0
+
+
+def load_model_from_run(run_dir: str | os.PathLike, use_ema: bool = True, step: int | None = None,
+                        device: str | torch.device = "cpu") -> TrainedModel:
+    """Rebuild the network of a run folder written by ``dforge train`` and load its newest (or
+    ``step``'s) weights, the EMA average by default. Returns a :class:`TrainedModel` in eval mode."""
+    from .models import build_model
+    from .schedules import NoiseSchedule
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"no run folder at {run_dir}")
+    if step is None:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise CheckpointError(f"{run_dir} holds no checkpoint yet (is it a run folder of `dforge train`?)")
+    else:
+        ckpt = load_checkpoint(run_dir / "checkpoints" / f"step-{step:08d}")
+    cfg = ckpt.config
+    extra = ckpt.state.get("extra", {})
+    if "model_config" not in extra:
+        raise CheckpointError(f"{ckpt.path} does not record its model configuration")
+    model = build_model(dict(extra["model_config"]))
+    which = "ema" if use_ema and ckpt.has("ema") else "model"
+    if use_ema and which != "ema":
+        warnings.warn(f"{ckpt.path} has no EMA weights; using the trained weights", stacklevel=2)
+    _load_strict(model, ckpt.tensors(which), ckpt.path / f"{which}.safetensors")
+    model = model.to(device).eval().requires_grad_(False)
+    schedule = NoiseSchedule.from_dict(extra["schedule"])
+    return TrainedModel(model=model, schedule=schedule, prediction=cfg["prediction"],
+                        sample_shape=tuple(extra["sample_shape"]), config=cfg, step=ckpt.step,
+                        num_classes=int(extra.get("num_classes", 0)))
