@@ -8,7 +8,7 @@ the same per-sample seeds, on the linear (DDPM) schedule with 1000 training step
 (evaluate.frechet_distance) and sliced Wasserstein-1 distance (64 random directions) to fresh true samples;
 the "real vs real" row is the floor given by two independent true sample sets of the same size.
 
-    python benchmarks/samplers.py [--n 20000] [--budgets 5 10 20 50]
+    python benchmarks/samplers.py [--n 10000] [--budgets 5 10 20 50]
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from diffusion_forge.samplers import SAMPLERS  # noqa: E402
 
 BUDGETS = (5, 10, 20, 50)
 DIM, COMPONENTS = 8, 8
+N_SAMPLES = 10000
 
 
 class GaussianMixture:
@@ -147,7 +148,7 @@ def our_configs():
 
 # ---------------------------------------------------------------------------------------------
 
-def measure(configs, budgets=BUDGETS, n: int = 20000, seed: int = 0, schedule=None, verbose: bool = False):
+def measure(configs, budgets=BUDGETS, n: int = N_SAMPLES, seed: int = 0, schedule=None, verbose: bool = False):
     """{label: {budget: (frechet, sliced_wasserstein) or None}} and the real-vs-real floor."""
     torch.set_num_threads(1)
     schedule = schedule or df.NoiseSchedule.from_name("linear", 1000)
@@ -197,7 +198,7 @@ def markdown(table, floor, budgets=BUDGETS) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=20000, help="samples per configuration")
+    p.add_argument("--n", type=int, default=N_SAMPLES, help="samples per configuration")
     p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     p.add_argument("--only", choices=("ours", "diffusers", "all"), default="all")
     args = p.parse_args(argv)

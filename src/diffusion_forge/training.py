@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -142,12 +143,22 @@ def _field_types() -> dict:
     return _HINTS
 
 
+# names other tools (diffusers' training scripts, nanoGPT) use for our keys, for the "did you mean" hint
+ALIASES = {"learning_rate": "lr", "train_batch_size": "batch_size", "max_train_steps": "steps", "max_steps": "steps",
+           "max_iters": "steps", "gradient_accumulation_steps": "grad_accum", "lr_warmup_steps": "warmup_steps",
+           "lr_scheduler": "lr_schedule", "max_grad_norm": "grad_clip", "prediction_type": "prediction",
+           "beta_schedule": "schedule", "num_train_timesteps": "num_timesteps", "resolution": "image_size",
+           "ema_max_decay": "ema_decay", "snr_gamma": "min_snr_gamma", "random_flip": "flip",
+           "checkpointing_steps": "checkpoint_every", "checkpoints_total_limit": "keep_checkpoints"}
+
+
 def check_keys(d: dict) -> None:
     """Unknown keys are errors, with the closest known names suggested."""
     known = list(_field_types())
     for key in d:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+            close = ([ALIASES[key]] if key in ALIASES else []) + difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+            close = list(dict.fromkeys(close))[:3]
             hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(known)}"
             raise ValueError(f"unknown config key {key!r}{hint}")
 
@@ -269,13 +280,18 @@ def run_config(run_dir, file=None, flags: dict | None = None, allow_changes: boo
 # ---------------------------------------------------------------------------------------------
 # Determinism: every random draw of step k comes from generators seeded by (seed, k, purpose)
 
-DATA_ORDER, STEP_NOISE, OVERFIT = 1, 2, 3
+DATA_ORDER, STEP_NOISE, OVERFIT, GLOBAL_RNG = 1, 2, 3, 4
 
 
 def seeded_generator(*key: int) -> torch.Generator:
     """A CPU generator seeded by a tuple of integers (mixed by NumPy's SeedSequence)."""
     seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0])
     return torch.Generator().manual_seed(seed)
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=seeded_generator(seed, epoch, DATA_ORDER))
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
@@ -285,7 +301,7 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor
     out, pos = [], start
     while pos < start + batch_size:
         epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=seeded_generator(seed, epoch, DATA_ORDER))
+        perm = epoch_permutation(n, seed, epoch)
         take = min(n - offset, start + batch_size - pos)
         out.append(perm[offset: offset + take])
         pos += take
@@ -453,6 +469,9 @@ class Trainer:
         """One optimiser step; returns (mean loss over the global batch, gradient norm)."""
         cfg = self.cfg
         lr = learning_rate(step, cfg)
+        # anything inside the model that draws from the global RNG (dropout) gets a stream fixed by
+        # (seed, step, process): resumable, and independent across processes
+        torch.manual_seed(int(seeded_generator(cfg.seed, step, self.rank, GLOBAL_RNG).initial_seed()))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()

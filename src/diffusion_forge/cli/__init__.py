@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # subcommand name -> module in this package
-COMMANDS = {"demo": "demo", "train": "train", "sample": "sample"}
+COMMANDS = {"demo": "demo", "train": "train", "sample": "sample", "datasets": "datasets", "eval": "eval", "viz": "viz"}
 
 
 class UserError(Exception):

@@ -25,25 +25,26 @@ __all__ = ["build_model", "list_presets", "count_parameters", "PRESETS", "UNet",
 # 2 ** (levels - 1): tiny and small take 28x28 (28 -> 14 -> 7) and 32x32; base takes 32x32, 64x64, ...
 PRESETS = {
     "unet": {
-        "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,),
-                     attention_head_dim=16, norm_num_groups=8),
-        "small": dict(block_out_channels=(32, 64, 64), layers_per_block=1, attention_levels=(2,),
+        "tiny": dict(block_out_channels=(8, 16), layers_per_block=1, attention_levels=(1,),
+                     attention_head_dim=8, norm_num_groups=4),
+        "small": dict(block_out_channels=(16, 32, 64), layers_per_block=1, attention_levels=(2,),
                       attention_head_dim=32, norm_num_groups=8),
         "base": dict(block_out_channels=(128, 256, 256, 256), layers_per_block=2, attention_levels=(1,),
                      attention_head_dim=64, norm_num_groups=32, dropout=0.1),
     },
     "mlp": {
         "tiny": dict(hidden=64, depth=2, time_embed_dim=32),
-        "small": dict(hidden=256, depth=4, time_embed_dim=128),
+        "small": dict(hidden=128, depth=4, time_embed_dim=64),
         "base": dict(hidden=512, depth=6, time_embed_dim=128),
     },
 }
 PRESETS["diffusers_unet"] = PRESETS["unet"]  # the same architectures, built by diffusers
 
 PRESET_NOTES = {
-    "tiny": "for tests: builds and trains in seconds",
-    "small": "the CPU demo: 28x28 MNIST in minutes on 2 cores",
-    "base": "for GPUs: DDPM's CIFAR-10 size (32x32, attention at 16x16)",
+    "unet": {"tiny": "for tests: builds and trains in seconds",
+             "small": "the CPU demo: 28x28 MNIST in minutes on 2 cores",
+             "base": "for GPUs: DDPM's CIFAR-10 network (32x32, attention at 16x16)"},
+    "mlp": {"tiny": "for tests", "small": "2-D toy data on a CPU", "base": "larger vectors"},
 }
 
 
@@ -120,16 +121,15 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def list_presets(sample_size: int = 32, in_channels: int = 3) -> list[dict]:
-    """One row per (type, preset): options and parameter count (U-Nets for the given images, MLPs for
-    2-D data; built on the meta device, so instant)."""
+def list_presets(in_channels: int = 1) -> list[dict]:
+    """One row per (type, preset): options, parameter count (U-Nets for ``in_channels`` images, MLPs for 2-D
+    points; built on the meta device, so instant) and, for U-Nets, the multiple image sizes must be of."""
     rows = []
     for kind in ("unet", "mlp"):
         for name, options in PRESETS[kind].items():
-            extra = dict(dim=2) if kind == "mlp" else \
-                dict(in_channels=in_channels, sample_size=sample_size)
+            extra = dict(dim=2) if kind == "mlp" else dict(in_channels=in_channels)
             with torch.device("meta"):
                 model = build_model({"type": kind, "preset": name, **extra})
-            rows.append(dict(type=kind, preset=name, params=count_parameters(model), note=PRESET_NOTES[name],
-                             options=_jsonable(options)))
+            rows.append(dict(type=kind, preset=name, params=count_parameters(model), note=PRESET_NOTES[kind][name],
+                             size_multiple=getattr(model, "size_multiple", None), options=_jsonable(options)))
     return rows

@@ -154,7 +154,7 @@ UNET_DEFAULTS = dict(
     sample_size=None,            # int; None = any size divisible by 2 ** (levels - 1)
     in_channels=1,
     out_channels=None,           # None = in_channels
-    block_out_channels=(32, 64, 64),
+    block_out_channels=(16, 32, 64),
     layers_per_block=1,
     attention_levels=(2,),       # level indices (0 = full resolution) that get self-attention
     mid_attention=True,

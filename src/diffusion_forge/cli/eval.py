@@ -1,0 +1,224 @@
+"""`dforge eval`: how good is a model, and does it copy its training data?"""
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """examples:
+  dforge eval runs/mnist --n 2000                       sample 2000 images from the run, score them
+  dforge eval samples.npz --data mnist                  samples made anywhere (key "images", uint8 NxHxWxC)
+  dforge eval samples.npz --data photos/ --features effnet,inception --inception-weights pt_inception-2015-12-05-6726825d.pth
+  dforge eval runs/mnist --n 500 --pairs-out nearest.png --json eval.json
+
+Scores carry the feature network and the sample count: "FD-EffNet@2k" is the Frechet distance in
+EfficientNet-Lite0 features of 2,000 samples against 2,000 reference images. FD-EffNet is NOT FID: only
+"FID" (Inception-v3 of pytorch-fid, with its weights file) is comparable with published FIDs, and only at
+the same sample count. See docs/evaluation.md for the protocols.
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="score samples: FD/KID, precision/recall, near-copies, NLL (bits/dim)",
+                       description="Score a run folder (samples are drawn from it) or a sample file against a "
+                                   "data set: Frechet distance and KID in the features of real networks, "
+                                   "precision and recall, the fraction of near-copies of training images, and "
+                                   "for runs the NLL bound in bits/dim on held-out data.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    p.add_argument("target", help="a run folder of `dforge train`, or a .npz sample file with key 'images'")
+    p.add_argument("--data", help="data set to compare with (a run's own by default): bundled name, folder, hf:NAME")
+    p.add_argument("--n", type=int, default=2000, help="samples to score (a sample file: its first N)")
+    p.add_argument("--n-ref", type=int, help="reference images (default: the same as --n); a fixed seed-0 subset")
+    p.add_argument("--split", default="train", help="the data split the reference images come from")
+    p.add_argument("--features", help="comma-separated feature networks: digits (MNIST only), effnet, inception "
+                                      "(default: digits for MNIST, effnet, inception when its weights exist)")
+    p.add_argument("--inception-weights", metavar="PATH",
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth for real FID "
+                        "(or set $DFORGE_INCEPTION_WEIGHTS)")
+    p.add_argument("--no-kid", action="store_true", help="skip KID")
+    p.add_argument("--no-pr", action="store_true", help="skip precision / recall")
+    p.add_argument("--no-memorization", action="store_true", help="skip the nearest-training-image search")
+    p.add_argument("--pairs-out", metavar="FILE.png", help="picture of the closest sample / training pairs")
+    p.add_argument("--json", metavar="FILE", help="write every number to this JSON file")
+    g = p.add_argument_group("run folders")
+    g.add_argument("--sampler", default="dpmpp_2m", help="sampler for drawing the samples")
+    g.add_argument("--steps", type=int, default=20, help="sampler steps")
+    g.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    g.add_argument("--batch-size", type=int, default=256, help="samples drawn per batch")
+    g.add_argument("--no-ema", action="store_true", help="use the trained weights, not their EMA")
+    g.add_argument("--save-samples", metavar="FILE.npz", help="also write the drawn samples")
+    g.add_argument("--nll-n", type=int, default=100, help="held-out images for the NLL bound (0: skip)")
+    g.add_argument("--nll-t", type=int, default=32, help="timestep strata per image for the NLL (network calls)")
+    p.set_defaults(func=run)
+
+
+NOTES = {
+    "FD-Digits": "digit-classifier features (128-d); lower is better",
+    "FD-EffNet": "EfficientNet-Lite0 features at 128 px (1280-d); not FID, not comparable with it",
+    "FID": "Inception-v3 (pytorch-fid weights), 2048-d at 299 px",
+    "KID": "unbiased MMD^2, cubic kernel; ~0 when the distributions match",
+    "precision": "fraction of samples inside the data's k=3 manifold (realism)",
+    "recall": "fraction of data inside the samples' k=3 manifold (variety)",
+    "near_copies": "samples whose nearest training image is < 1/3 the distance of the second nearest",
+    "digit_confidence": "samples the classifier labels with probability >= 0.9",
+}
+
+
+def _note(key: str) -> str:
+    for head, note in NOTES.items():
+        if key.startswith(head):
+            return note
+    return ""
+
+
+def _format(metrics: dict) -> list[str]:
+    lines = []
+    for key, value in metrics.items():
+        if key == "n" or key.endswith(" std"):
+            continue
+        if key.startswith("KID") and f"{key} std" in metrics:
+            text = f"{value:.5f} +- {metrics[key + ' std']:.5f}"
+        elif key.startswith(("precision", "recall", "near_copies", "digit_confidence")):
+            text = f"{value:.2%}" if key.startswith("near_copies") else f"{value:.3f}"
+        else:
+            text = f"{value:.3f}"
+        lines.append(f"  {key:<26} {text:<22} {_note(key)}")
+    return lines
+
+
+def run(args) -> int:
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from . import UserError
+    from .. import evaluate as ev
+
+    target = Path(args.target)
+    if args.n < 2:
+        raise UserError("--n must be at least 2")
+    networks = [s.strip() for s in args.features.split(",") if s.strip()] if args.features else None
+    for name in networks or []:
+        if name not in ev.FEATURE_NETWORKS:
+            raise UserError(f"unknown feature network {name!r}; choose from: {', '.join(ev.FEATURE_NETWORKS)}")
+    if networks and "inception" in networks:
+        ev.inception_weights_path(args.inception_weights)   # a clear error before any work
+    start = time.time()
+    report: dict = {"target": str(target)}
+    trained = None
+    if target.is_dir():
+        from ..checkpoint import load_model_from_run
+        from ..data import TOY_SETS, to_uint8
+        from ..training import generate
+
+        trained = load_model_from_run(target, use_ema=not args.no_ema)
+        data = args.data or trained.config["data"]
+        print(f"dforge eval: drawing {args.n} samples from {target} (step {trained.step}, {args.sampler}, "
+              f"{args.steps} steps, seeds {args.seed}..{args.seed + args.n - 1})")
+        x = generate(trained, args.n, seed=args.seed, sampler=args.sampler, steps=args.steps,
+                     batch_size=args.batch_size)
+        report.update(step=trained.step, sampler=args.sampler, steps=args.steps, seed=args.seed)
+        if str(data).lower() in TOY_SETS:
+            return _toy_report(args, trained, data, x, report)
+        images = to_uint8(x)
+        if args.save_samples:
+            from ..evaluate import _atomic_write
+            def write(tmp):
+                with open(tmp, "wb") as f:
+                    np.savez(f, images=images)
+            _atomic_write(Path(args.save_samples), write)
+            print(f"  wrote {args.save_samples} (key 'images', uint8 N x H x W x C)")
+    elif target.suffix == ".npz" and target.is_file():
+        if not args.data:
+            raise UserError("a sample file needs --data NAME (the data set to compare with)")
+        data = args.data
+        with np.load(target) as f:
+            if "images" not in f:
+                raise UserError(f"{target} has no 'images' array (found: {', '.join(f.files)})")
+            images = f["images"][: args.n]
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise UserError(f"{target}: 'images' must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
+        if len(images) < 2:
+            raise UserError(f"{target} holds fewer than 2 images")
+    else:
+        raise UserError(f"{target} is neither a run folder nor a .npz sample file")
+
+    n = len(images)
+    n_ref = args.n_ref or n
+    print(f"dforge eval: {n} samples of {images.shape[1]}x{images.shape[2]}x{images.shape[3]} vs {data} "
+          f"({args.split} split, {n_ref} reference images: the first {n_ref} of a seed-0 permutation)")
+    metrics, extras = ev.evaluate_images(images, data, networks=networks, n_ref=n_ref, split=args.split,
+                                         kid=not args.no_kid, pr=not args.no_pr, memorize=not args.no_memorization,
+                                         inception_weights=args.inception_weights)
+    report.update(data=str(data), n=n, n_ref=n_ref, split=args.split, metrics=metrics)
+    if trained is not None and args.nll_n > 0:
+        report["nll"] = _nll(args, trained, data)
+    for line in _format(metrics):
+        print(line)
+    if "nll" in report:
+        r = report["nll"]
+        print(f"  {'NLL (bits/dim)':<26} {r['bpd']:.3f} +- {r['ci95']:.3f}{'':<8} 95% interval; {r['n']} "
+              f"{r['source']} images, {r['num_t']} t-strata each (variational bound, Monte Carlo over t)")
+    if any(k.startswith("FD-EffNet") for k in metrics):
+        print("  note: FD-EffNet is not FID; compare it only with FD-EffNet at the same sample count.")
+    if "memorization" in extras and args.pairs_out:
+        from ..viz import plot_nearest_pairs
+        plot_nearest_pairs(args.pairs_out, images, extras["train_images"], extras["memorization"])
+        print(f"  wrote {args.pairs_out} (closest sample / training pairs)")
+    report["seconds"] = round(time.time() - start, 1)
+    if args.json:
+        _write_json(args.json, report)
+        print(f"  wrote {args.json}")
+    return 0
+
+
+def _nll(args, trained, data) -> dict:
+    import numpy as np
+    import torch
+
+    from .. import evaluate as ev
+    from ..data import BUNDLED, load_dataset
+
+    c, h = trained.sample_shape[0], trained.sample_shape[-1]
+    held_out = str(data).lower() in BUNDLED
+    ds = load_dataset(data, image_size=h, channels=c, split="test" if held_out else "train")
+    idx = torch.as_tensor(np.sort(np.random.default_rng(0).permutation(len(ds))[: args.nll_n]))
+    x0, _ = ds.get_batch(idx)
+    r = ev.nll_bits_per_dim(trained.model, x0.to(next(trained.model.parameters()).dtype), trained.schedule,
+                            trained.prediction, num_t=min(args.nll_t, trained.schedule.num_timesteps),
+                            generator=torch.Generator().manual_seed(0), progress="NLL bound")
+    r.pop("per_image")
+    r["source"] = "held-out test" if held_out else "training (no held-out split)"
+    return r
+
+
+def _toy_report(args, trained, data, x, report) -> int:
+    from .. import evaluate as ev
+    from ..data import load_dataset
+
+    real = load_dataset(data, split="train").data
+    ref = real[: (args.n_ref or len(x))]
+    n = len(x)
+    metrics = {"n": n, f"FD-xy@{ev.count_label(n)}": ev.frechet_distance_features(ref, x)}
+    if not args.no_kid:
+        metrics[f"KID-xy@{ev.count_label(n)}"], metrics[f"KID-xy@{ev.count_label(n)} std"] = \
+            ev.kernel_inception_distance(ref, x)
+    if not args.no_pr:
+        metrics[f"precision-xy@{ev.count_label(n)}"], metrics[f"recall-xy@{ev.count_label(n)}"] = \
+            ev.precision_recall(ref, x)
+    print(f"dforge eval: {n} points vs {data} ({len(ref)} training points); features = the coordinates")
+    for line in _format(metrics):
+        print(line)
+    report.update(data=str(data), n=n, metrics=metrics)
+    if args.json:
+        _write_json(args.json, report)
+    return 0
+
+
+def _write_json(path, report) -> None:
+    import json
+    from pathlib import Path
+
+    from ..evaluate import _atomic_write
+
+    text = json.dumps(report, indent=2, default=float)
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))

@@ -1,0 +1,118 @@
+"""`dforge viz`: the pictures that teach (schedules, the forward process, trajectories, samplers)."""
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """examples:
+  dforge viz schedule --out schedules.png                     alpha_bar, SNR, log-SNR of every schedule
+  dforge viz forward --data mnist --out forward.png           a digit at increasing t, per schedule
+  dforge viz forward --data moons --out forward-2d.png        a 2-D distribution turning into a Gaussian
+  dforge viz trajectory runs/mnist --out trajectory.png       x_t and the predicted x_0 along one sampling run
+  dforge viz samplers runs/mnist --out samplers.png --samplers euler,heun,dpmpp_2m --step-counts 5,10,20
+A .svg suffix writes SVG.
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("viz", help="pictures: schedules, forward process, trajectories, samplers side by side",
+                       description="Draw the pictures that explain diffusion: noise schedules, data turning into "
+                                   "noise, the reverse trajectory of a trained run, and samplers side by side.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+
+    s = what.add_parser("schedule", help="alpha_bar, SNR and log-SNR of every named schedule (and zero-terminal-SNR)")
+    s.add_argument("--num-timesteps", type=int, default=1000, help="T of every schedule")
+    s.add_argument("--out", default="schedules.png", help="output picture (.png or .svg)")
+
+    f = what.add_parser("forward", help="data turning into noise (images: a strip per schedule; 2-D: scatter)")
+    f.add_argument("--data", default="mnist", help="bundled name, image folder or hf:NAME; 2-D toys: moons, ...")
+    f.add_argument("--index", type=int, default=0, help="which image of the data set (test split when there is one)")
+    f.add_argument("--schedule", default="cosine", help="schedule for 2-D data")
+    f.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    f.add_argument("--out", default="forward.png", help="output picture (.png or .svg)")
+
+    for name, helptext in [("trajectory", "x_t and the predicted x_0 along one sampling run of a trained run"),
+                           ("samplers", "a grid of samplers x step counts, same seeds in every cell")]:
+        r = what.add_parser(name, help=helptext)
+        r.add_argument("run", help="a run folder of `dforge train`")
+        r.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+        r.add_argument("--no-ema", action="store_true", help="use the trained weights, not their EMA")
+        r.add_argument("--out", default=f"{name}.png", help="output picture (.png or .svg)")
+        if name == "trajectory":
+            r.add_argument("--sampler", default="dpmpp_2m", help="sampler")
+            r.add_argument("--steps", type=int, default=20, help="sampler steps")
+            r.add_argument("--frames", type=int, default=8, help="steps shown")
+        else:
+            r.add_argument("--samplers", default="euler,heun,ddim,dpmpp_2m,unipc", help="comma-separated samplers")
+            r.add_argument("--step-counts", default="5,10,20", help="comma-separated step counts")
+            r.add_argument("--n", type=int, default=4, help="samples per cell (2-D data: points per cell)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    return {"schedule": _schedule, "forward": _forward, "trajectory": _trajectory, "samplers": _samplers}[args.what](args)
+
+
+def _schedule(args) -> int:
+    from ..viz import default_schedules, plot_schedules
+
+    curves = plot_schedules(args.out, default_schedules(args.num_timesteps))
+    print(f"wrote {args.out} ({len(curves)} schedules, T = {args.num_timesteps})")
+    return 0
+
+
+def _forward(args) -> int:
+    import torch
+
+    from ..data import BUNDLED, TOY_SETS, load_dataset
+    from ..schedules import NoiseSchedule
+    from ..viz import plot_forward_2d, plot_forward_strip
+
+    name = str(args.data).lower()
+    if name in TOY_SETS:
+        ds = load_dataset(name, split="train")
+        plot_forward_2d(args.out, ds.data[:2000].numpy(), NoiseSchedule.from_name(args.schedule, 1000), seed=args.seed,
+                        title=f"The forward process on {name}: the distribution turns into a Gaussian ({args.schedule})")
+    else:
+        ds = load_dataset(args.data, split="test" if name in BUNDLED else "train")
+        if not 0 <= args.index < len(ds):
+            raise ValueError(f"--index must lie in [0, {len(ds) - 1}]")
+        image, _ = ds[args.index]
+        plot_forward_strip(args.out, torch.as_tensor(image), seed=args.seed)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _load(args):
+    from ..checkpoint import load_model_from_run
+
+    return load_model_from_run(args.run, use_ema=not args.no_ema)
+
+
+def _trajectory(args) -> int:
+    from ..viz import plot_trajectory, record_trajectory
+
+    trained = _load(args)
+    n = 1 if len(trained.sample_shape) > 1 else 1000
+    traj = record_trajectory(trained.model, trained.schedule, (n, *trained.sample_shape), sampler=args.sampler,
+                             steps=args.steps, prediction=trained.prediction, seed=args.seed)
+    plot_trajectory(args.out, traj, frames=args.frames)
+    print(f"wrote {args.out} ({args.sampler}, {args.steps} steps, seed {args.seed})")
+    return 0
+
+
+def _samplers(args) -> int:
+    from ..viz import plot_sampler_grid, sampler_grid
+
+    trained = _load(args)
+    names = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    try:
+        counts = [int(s) for s in args.step_counts.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--step-counts must be comma-separated integers, got {args.step_counts!r}") from None
+    n = args.n if len(trained.sample_shape) > 1 else max(args.n, 500)
+    grid = sampler_grid(trained.model, trained.schedule, (n, *trained.sample_shape), names, counts,
+                        prediction=trained.prediction, seed=args.seed)
+    plot_sampler_grid(args.out, grid)
+    print(f"wrote {args.out} ({len(names)} samplers x {len(counts)} step counts, seeds {args.seed}..{args.seed + n - 1})")
+    return 0

@@ -1,0 +1,131 @@
+"""Pictures: the data behind each figure is checked, not only that a file appeared."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import diffusion_forge as df
+from diffusion_forge import NoiseSchedule, viz
+from diffusion_forge.schedules import SCHEDULE_NAMES
+
+
+def _png_ok(path, min_bytes: int = 2000) -> bool:
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > min_bytes
+
+
+def gaussian_denoiser(schedule: NoiseSchedule, std: float = 0.5):
+    """E[x_0 | x_t] for x_0 ~ N(0, std^2) per dimension (exact); predicts "sample"."""
+    def model(x_t, t, **cond):
+        ab = schedule.alpha_bar_at(t.double()).reshape(-1, *[1] * (x_t.ndim - 1)).to(x_t)
+        return ab.sqrt() * std**2 / (ab * std**2 + 1 - ab) * x_t
+    return model
+
+
+def test_schedule_plot_curves_are_the_schedules_values(tmp_path):
+    curves = viz.plot_schedules(tmp_path / "s.png")
+    assert _png_ok(tmp_path / "s.png")
+    assert set(SCHEDULE_NAMES) <= set(curves) and any("zero-SNR" in k for k in curves)
+    for name in SCHEDULE_NAMES:
+        s = NoiseSchedule.from_name(name, 1000)
+        np.testing.assert_array_equal(curves[name]["alpha_bar"], s.alphas_cumprod.numpy())
+        np.testing.assert_array_equal(curves[name]["snr"], s.snr.numpy())
+        np.testing.assert_array_equal(curves[name]["log_snr"], s.log_snr.numpy())
+    zero = next(v for k, v in curves.items() if "zero-SNR" in k)
+    assert zero["alpha_bar"][-1] == 0 and np.isneginf(zero["log_snr"][-1])
+    viz.plot_schedules(tmp_path / "s.svg")
+    assert (tmp_path / "s.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_forward_strip_noise_rises_with_t(tmp_path):
+    image = torch.linspace(-1, 1, 28 * 28).reshape(1, 28, 28)
+    out = viz.plot_forward_strip(tmp_path / "f.png", image)
+    assert _png_ok(tmp_path / "f.png")
+    for label, d in out.items():
+        std = d["noise_std"]
+        assert np.all(np.diff(std) > 0), (label, std)             # strictly more noise at every later t
+        assert std[0] < 0.05 and std[-1] > 0.99
+        s = NoiseSchedule.from_name(label, 1000)
+        ab = s.alphas_cumprod[list(d["t"])].numpy()
+        np.testing.assert_allclose(std / np.sqrt(1 - ab), std[-1] / np.sqrt(1 - ab[-1]), rtol=1e-12)
+
+
+def test_forward_2d_ends_as_a_standard_gaussian(tmp_path):
+    from diffusion_forge.data import load_dataset
+
+    pts = load_dataset("moons").data[:2000].numpy()
+    out = viz.plot_forward_2d(tmp_path / "m.png", pts)
+    assert _png_ok(tmp_path / "m.png")
+    np.testing.assert_allclose(out["points"][0], pts, atol=0.05)       # t = 0: still the data
+    last = out["points"][-1]
+    assert np.abs(last.mean(0)).max() < 0.1 and np.abs(np.cov(last.T) - np.eye(2)).max() < 0.1
+    assert np.all(np.diff(out["alpha_bar"]) < 0)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral"])
+def test_trajectory_final_frame_is_the_samplers_output(tmp_path, sampler):
+    sched = NoiseSchedule.from_name("cosine", 1000)
+    model = gaussian_denoiser(sched)
+    traj = viz.record_trajectory(model, sched, (2, 1, 8, 8), sampler=sampler, steps=6, prediction="sample", seed=3)
+    gens = [torch.Generator().manual_seed(3 + i) for i in range(2)]
+    direct = df.sample(model, sched, (2, 1, 8, 8), sampler=sampler, steps=6, prediction="sample", generator=gens)
+    assert torch.equal(traj["final"], direct.float())
+    shown = viz.plot_trajectory(tmp_path / "t.png", traj, frames=4)
+    assert _png_ok(tmp_path / "t.png")
+    assert torch.equal(shown["final"], direct[0].float())
+    assert shown["steps"][0] == 0 and shown["steps"][-1] == len(traj["x_t"]) - 1
+    assert all(a > b for a, b in zip(shown["t"], shown["t"][1:]))       # t falls along the run
+    # x_t starts as noise (std ~1) and ends near the data's scale (std 0.5)
+    assert traj["x_t"][0].std() > 0.8 and abs(float(traj["final"].std()) - 0.5) < 0.25
+
+
+def test_trajectory_of_2d_points(tmp_path):
+    sched = NoiseSchedule.from_name("cosine", 1000)
+    traj = viz.record_trajectory(gaussian_denoiser(sched), sched, (300, 2), steps=5, prediction="sample")
+    shown = viz.plot_trajectory(tmp_path / "t2.png", traj, frames=3)
+    assert _png_ok(tmp_path / "t2.png") and shown["final"].shape == (300, 2)
+
+
+def test_sampler_grid_uses_the_same_seeds_in_every_cell(tmp_path):
+    sched = NoiseSchedule.from_name("linear", 1000)
+    model = gaussian_denoiser(sched)
+    grid = viz.sampler_grid(model, sched, (3, 1, 8, 8), samplers=("euler", "dpmpp_2m"), steps=(2, 8),
+                            prediction="sample", seed=5)
+    assert set(grid) == {("euler", 2), ("euler", 8), ("dpmpp_2m", 2), ("dpmpp_2m", 8)}
+    gens = [torch.Generator().manual_seed(5 + i) for i in range(3)]
+    direct = df.sample(model, sched, (3, 1, 8, 8), sampler="dpmpp_2m", steps=8, prediction="sample", generator=gens)
+    assert torch.equal(grid[("dpmpp_2m", 8)], direct.float())
+    # deterministic samplers from the same seeds converge to one image: more steps, closer to it
+    gens = [torch.Generator().manual_seed(5 + i) for i in range(3)]
+    ref = df.sample(model, sched, (3, 1, 8, 8), sampler="dpmpp_2m", steps=100, prediction="sample", generator=gens)
+    for name in ("euler", "dpmpp_2m"):
+        err = {n: float((grid[(name, n)] - ref).abs().max()) for n in (2, 8)}
+        assert err[8] < err[2], (name, err)
+    viz.plot_sampler_grid(tmp_path / "g.png", grid)
+    assert _png_ok(tmp_path / "g.png")
+
+
+def test_nearest_pairs_picture_shows_the_closest_first(tmp_path):
+    from diffusion_forge import evaluate as ev
+    from diffusion_forge.data import load_mnist
+
+    train = load_mnist("train")[0][:2000, :, :, None]
+    test = load_mnist("test")[0][:10, :, :, None]
+    samples = np.concatenate([test, train[[5, 6]]])
+    mem = ev.memorization(samples, train)
+    out = viz.plot_nearest_pairs(tmp_path / "p.png", samples, train, mem, top=4)
+    assert _png_ok(tmp_path / "p.png")
+    assert sorted(out["order"][:2]) == [10, 11] and sorted(out["train_index"][:2]) == [5, 6]
+    assert out["ratio"] == sorted(out["ratio"])
+
+
+def test_cli_viz_schedule_and_forward(tmp_path):
+    from diffusion_forge.cli import main
+
+    assert main(["viz", "schedule", "--out", str(tmp_path / "s.png"), "--num-timesteps", "200"]) == 0
+    assert main(["viz", "forward", "--data", "digits", "--out", str(tmp_path / "f.png")]) == 0
+    assert main(["viz", "forward", "--data", "moons", "--out", str(tmp_path / "m.svg")]) == 0
+    assert all(_png_ok(tmp_path / n) for n in ("s.png", "f.png"))
+    assert (tmp_path / "m.svg").stat().st_size > 10_000
+    assert main(["viz", "trajectory", str(tmp_path / "no-run"), "--out", str(tmp_path / "t.png")]) == 2
