@@ -48,12 +48,20 @@ class GaussianMixture:
         return self.mu[k] + self.std[k] * torch.randn(n, self.mu.shape[1], generator=generator, dtype=torch.float64)
 
     def posterior_mean(self, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-        a = alpha_bar.sqrt()[:, None, None]                                 # (n, 1, 1)
-        var = a**2 * self.std**2 + (1 - a**2)                               # (n, k, d)
-        diff = x_t[:, None, :] - a * self.mu                                # (n, k, d)
-        logp = self.w.log() - 0.5 * (diff**2 / var + var.log()).sum(-1)     # (n, k)
-        resp = torch.softmax(logp, dim=1)[..., None]
-        return (resp * (self.mu + a * self.std**2 / var * diff)).sum(1)
+        out = torch.empty_like(x_t)
+        for ab in alpha_bar.unique():          # samplers call with one noise level per batch: one pass
+            rows = alpha_bar == ab
+            out[rows] = self._posterior_mean(x_t[rows], float(ab))
+        return out
+
+    def _posterior_mean(self, x: torch.Tensor, ab: float) -> torch.Tensor:
+        a = math.sqrt(ab)
+        var = ab * self.std**2 + (1 - ab)                                   # (k, d)
+        # log N(x; a mu_k, diag var_k) for every k with matrix products: sum_d (x - a mu)^2 / var
+        quad = (x**2) @ (1 / var).T - 2 * a * x @ (self.mu / var).T + (a**2 * self.mu**2 / var).sum(1)
+        resp = torch.softmax(self.w.log() - 0.5 * (quad + var.log().sum(1)), dim=1)    # (n, k)
+        gain = a * self.std**2 / var                                          # (k, d)
+        return resp @ (self.mu * (1 - a * gain)) + x * (resp @ gain)
 
     def model(self, schedule: df.NoiseSchedule, prediction: str = "epsilon"):
         """model(x_t, t) returning the exact prediction of the given kind (float32, like a network)."""
@@ -88,23 +96,23 @@ def ours(name: str, sigmas: str = "default", **kw):
     spec = SAMPLERS[name]
     label = f"ours {name}" + ("" if sigmas == "default" else f" ({sigmas})")
 
-    def run(model, schedule, shape, budget, seed):
+    def run(model, schedule, shape, budget, seed, prediction="epsilon"):
         n = spec.steps_for(budget)
         if n == 0:
             return None
-        return df.sample(model, schedule, shape, sampler=name, steps=n, sigmas=sigmas,
+        return df.sample(model, schedule, shape, sampler=name, steps=n, sigmas=sigmas, prediction=prediction,
                          generator=torch.Generator().manual_seed(seed), **kw)
     return label, run
 
 
 def theirs(label: str, cls_name: str, **config):
     """A diffusers scheduler at the largest step count whose model calls (len(timesteps)) fit the budget."""
-    def run(model, schedule, shape, budget, seed):
+    def run(model, schedule, shape, budget, seed, prediction="epsilon"):
         import diffusers
         cls = getattr(diffusers, cls_name)
         accepted = inspect.signature(cls.__init__).parameters
         base = {k: v for k, v in schedule.to_diffusers_config().items() if k in accepted}
-        sched = cls(**base, **config)
+        sched = cls(**base, **config, prediction_type=prediction)
         n = 0
         for m in range(1, budget + 1):
             try:
@@ -115,7 +123,7 @@ def theirs(label: str, cls_name: str, **config):
                 n = m
         if n == 0:
             return None
-        return df.sample(model, schedule, shape, scheduler=sched, steps=n,
+        return df.sample(model, schedule, shape, scheduler=sched, steps=n, prediction=prediction,
                          generator=torch.Generator().manual_seed(seed))
     return f"diffusers {label}", run
 
@@ -143,7 +151,11 @@ def diffusers_configs():
 
 
 def our_configs():
-    return [ours(name) for name in SAMPLERS]
+    """Every sampler on the default grid (the model's own sigmas, "trailing"), then the multistep samplers
+    on the other two grids, which every sampler accepts."""
+    extra = [ours(name, sigmas) for sigmas in ("exponential", "karras")
+             for name in ("ipndm", "lms", "deis", "dpmpp_2m", "unipc")]
+    return [ours(name) for name in SAMPLERS] + extra
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,12 +208,45 @@ def markdown(table, floor, budgets=BUDGETS) -> str:
     return "\n".join(lines)
 
 
+def robustness(n: int = N_SAMPLES, budget: int = 10) -> str:
+    """A second table: the ends of the cosine schedule (sigma_max = 2e4, epsilon prediction) and of a
+    zero-terminal-SNR schedule (sigma_max = inf, v-prediction), at one NFE budget, ours against diffusers."""
+    schedules = {"cosine, epsilon": (df.NoiseSchedule.from_name("cosine", 1000), "epsilon"),
+                 "linear zero-SNR, v": (df.NoiseSchedule.from_name("linear", 1000, zero_terminal_snr=True),
+                                        "v_prediction")}
+    rows = [ours(name) for name in ("euler", "heun", "dpmpp_2m", "unipc", "ipndm")] + [
+        theirs("Euler (trailing)", "EulerDiscreteScheduler", timestep_spacing="trailing"),
+        theirs("Heun (trailing)", "HeunDiscreteScheduler", timestep_spacing="trailing"),
+        theirs("DPM++ 2M", "DPMSolverMultistepScheduler"),
+        theirs("DPM++ 2M (trailing)", "DPMSolverMultistepScheduler", timestep_spacing="trailing"),
+        theirs("UniPC (trailing)", "UniPCMultistepScheduler", timestep_spacing="trailing")]
+    lines = ["| sampler | " + " | ".join(f"FD ({k})" for k in schedules) + " |", "|---|---|---|"]
+    results = {}
+    for key, (schedule, prediction) in schedules.items():
+        gmm = GaussianMixture(0)
+        model = gmm.model(schedule, prediction)
+        ref = gmm.sample(n, torch.Generator().manual_seed(1))
+        for label, run in rows:
+            try:
+                x = run(model, schedule, (n, DIM), budget, 3, prediction=prediction)
+                results[label, key] = f"{errors(x, ref)[0]:.4f}"
+            except Exception as e:  # noqa: BLE001 - report what diffusers does
+                results[label, key] = f"error: {type(e).__name__}"
+    for label, _ in rows:
+        lines.append(f"| {label} | " + " | ".join(results[label, k] for k in schedules) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=N_SAMPLES, help="samples per configuration")
     p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     p.add_argument("--only", choices=("ours", "diffusers", "all"), default="all")
+    p.add_argument("--robustness", action="store_true", help="only the table at the ends of cosine / zero-SNR")
     args = p.parse_args(argv)
+    if args.robustness:
+        print(robustness(args.n))
+        return
     configs = ([] if args.only == "diffusers" else our_configs()) + ([] if args.only == "ours" else diffusers_configs())
     t0 = time.time()
     table, floor = measure(configs, tuple(args.budgets), args.n, verbose=True)

@@ -145,7 +145,7 @@ def test_last_step_lands_on_sigma_zero(name, spacing, steps):
     model, seen = PointMass(SMALL), []
     x = df.sample(model, SMALL, (2, 2), sampler=name, steps=steps, spacing=spacing, generator=gen(1),
                   callback=seen.append)
-    torch.testing.assert_close(x, PointMass.c.expand(2, 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x, PointMass.c.expand(2, 2), atol=1e-4, rtol=0)  # float32 model
     ts = SMALL.timesteps(steps, spacing)
     assert [c["step"] for c in seen] == list(range(steps))
     assert [round(c["t"], 6) for c in seen] == ts.tolist()          # one callback per step, at the grid's t
@@ -158,7 +158,7 @@ def test_nfe_and_last_step_on_other_grids(name, sigmas):
     for steps in (1, 2, 3, 5, 8):
         model = PointMass(SMALL)
         x = df.sample(model, SMALL, (2, 2), sampler=name, steps=steps, sigmas=sigmas, generator=gen(2))
-        torch.testing.assert_close(x, PointMass.c.expand(2, 2), atol=1e-5, rtol=0)
+        torch.testing.assert_close(x, PointMass.c.expand(2, 2), atol=1e-4, rtol=0)  # float32 model
         assert model.calls == SAMPLERS[name].nfe(steps), (name, steps)
 
 
@@ -214,21 +214,26 @@ SCHEDULES = {
 
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 def test_every_sampler_is_right_at_both_ends_of_every_schedule(schedule):
+    """From pure noise (sigma = inf on zero-terminal-SNR schedules, 2e4 on cosine) to sigma = 0, on grids
+    that start at the last training step and end at the first ("linspace") or near it ("trailing"), with
+    50 network evaluations: finite, right mean, std within discretisation error (ancestral samplers
+    converge slowest)."""
     sched, prediction = SCHEDULES[schedule]
     model = Gaussian1D(sched, prediction)
-    for name in SAMPLERS:
-        for sigmas in ("default", "karras"):
-            x = df.sample(model, sched, (800, 1), sampler=name, steps=25, sigmas=sigmas, prediction=prediction,
-                          generator=gen(5)).double()
-            assert torch.isfinite(x).all(), (name, sigmas)
-            assert abs(x.mean() - model.mu) < 0.04 and abs(x.std() - model.s) < 0.04, \
-                (name, sigmas, x.mean().item(), x.std().item())
+    for name, spec in SAMPLERS.items():
+        for spacing in ("trailing", "linspace"):
+            x = df.sample(model, sched, (300, 1), sampler=name, steps=spec.steps_for(50), spacing=spacing,
+                          prediction=prediction, generator=gen(5)).double()
+            tol = 0.07 if spec.stochastic else 0.06
+            assert torch.isfinite(x).all(), (name, spacing)
+            assert abs(x.mean() - model.mu) < 0.04 and abs(x.std() - model.s) < tol, \
+                (name, spacing, x.mean().item(), x.std().item())
 
 
 def test_zero_terminal_snr_starts_from_pure_noise_at_sigma_inf():
     sched, seen = SCHEDULES["linear-zero-snr"][0], []
     model = Gaussian1D(sched, "v_prediction")
-    x = df.sample(model, sched, (4000, 1), sampler="dpmpp_2m", steps=20, prediction="v_prediction",
+    x = df.sample(model, sched, (4000, 1), sampler="dpmpp_2m", steps=50, prediction="v_prediction",
                   generator=gen(0), callback=seen.append).double()
     assert math.isinf(seen[0]["sigma"]) and seen[0]["t"] == 999
     torch.testing.assert_close(seen[0]["x0"], torch.full_like(seen[0]["x0"], model.mu))   # E[x0] at SNR 0
@@ -286,7 +291,7 @@ def test_bad_input_is_a_clear_error(kwargs, match):
 def test_karras_grid_may_take_more_steps_than_training_timesteps():
     model = PointMass(SMALL)
     x = df.sample(model, SMALL, (2, 2), sampler="dpmpp_2m", steps=150, sigmas="karras")
-    torch.testing.assert_close(x, PointMass.c.expand(2, 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x, PointMass.c.expand(2, 2), atol=1e-4, rtol=0)  # float32 model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,24 @@ def ancestral_split(s: float, s_next: float, eta: float) -> tuple[float, float]:
     return math.sqrt(s_next**2 - up**2), up
 
 
+# Variable-step multistep formulas are accurate (and two-step ones zero-stable: Grigorieff 1983) only while a
+# step is at most 1 + sqrt(2) times the one before. The data end of "leading" / "linspace" grids jumps 3-5x
+# in lambda into t = 0, where extrapolating D from the short history overshoots; such a step uses the order
+# whose history it can trust. Grids of "trailing", Karras' and exponential sigmas stay below the bound.
+MAX_STEP_RATIO = 1 + math.sqrt(2)
+
+
+def _usable_order(order: int, h: float, past: list[float]) -> int:
+    """The highest order <= ``order`` whose history steps (``past``, newest first) grow by at most
+    MAX_STEP_RATIO into the step h (the order is 1 without history)."""
+    k, newer = 1, h
+    for older in past[: order - 1]:
+        if newer > MAX_STEP_RATIO * older:
+            break
+        k, newer = k + 1, older
+    return k
+
+
 # ---------------------------------------------------------------------------------------------
 # Single-step samplers
 
@@ -193,14 +211,18 @@ def sample_pndm(D, x, sigmas, noise=None, callback=_noop, euler_start=True):
 def sample_deis(D, x, sigmas, noise=None, callback=_noop, order=3):
     """DEIS (Zhang & Chen 2023, the exponential-integrator multistep "rho AB" in log rho, as in diffusers'
     logrho DEIS): eps_hat is extrapolated by a polynomial in u = log sigma through the last ``order`` slopes
-    and dx = eps_hat dsigma = eps_hat(u) e^u du is integrated exactly (also to sigma = 0, u = -inf)."""
+    and dx = eps_hat dsigma = eps_hat(u) e^u du is integrated exactly. Lower order while the history fills
+    or after a jump in step size (MAX_STEP_RATIO); first order (x = x0) on the last step to sigma = 0."""
     ds, us = [], []
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = D(x, s)
         callback(i, x, s, x0)
         ds, us = ([(x - x0) / s] + ds)[:order], ([math.log(s)] + us)[:order]
-        u_next = math.log(s_next) if s_next > 0 else -math.inf
-        w = lagrange_weights(us, us[0], u_next, exp_weight=True)
+        if s_next == 0:  # no polynomial in log sigma reaches log 0 = -inf: first order, x = x0
+            x = x0
+            continue
+        k = _usable_order(order, us[0] - math.log(s_next), [a - b for a, b in zip(us[1:], us[:-1])])
+        w = lagrange_weights(us[:k], us[0], math.log(s_next), exp_weight=True)
         x = x + sum(wj * dj for wj, dj in zip(w, ds))
     return x
 
@@ -216,14 +238,15 @@ def _lam(s: float) -> float:
 def sample_dpmpp_2m(D, x, sigmas, noise=None, callback=_noop):
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): with h = lambda_next - lambda,
     x' = (s_next / s) x + (1 - e^-h) D_hat, D_hat = (1 + 1/2r) D_i - 1/2r D_{i-1}, r = h_{i-1} / h.
-    First order on the first step and on the last step to sigma = 0."""
+    First order on the first step, on the last step to sigma = 0, and after a jump in step size
+    (see MAX_STEP_RATIO)."""
     x0_old, h_old = None, None
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = D(x, s)
         callback(i, x, s, x0)
         h = _lam(s_next) - _lam(s)
         x0_hat = x0
-        if x0_old is not None and s_next > 0:
+        if x0_old is not None and s_next > 0 and _usable_order(2, h, [h_old]) == 2:
             r = h_old / h
             x0_hat = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_old
         x = s_next / s * x - math.expm1(-h) * x0_hat
@@ -247,7 +270,7 @@ def sample_dpmpp_2m_sde(D, x, sigmas, noise, callback=_noop, eta=1.0, s_noise=1.
         h = _lam(s_next) - _lam(s)
         eh = eta * h
         x = s_next / s * math.exp(-eh) * x - math.expm1(-h - eh) * x0
-        if x0_old is not None:
+        if x0_old is not None and _usable_order(2, h, [h_old]) == 2:
             x = x - 0.5 * math.expm1(-h - eh) * (h / h_old) * (x0 - x0_old)
         if eta > 0:
             x = x + s_noise * s_next * math.sqrt(-math.expm1(-2 * eh)) * noise()
@@ -271,13 +294,14 @@ def sample_dpmpp_3m_sde(D, x, sigmas, noise, callback=_noop, eta=1.0, s_noise=1.
         H = (1 + eta) * h
         x = s_next / s * math.exp(-eta * h) * x - math.expm1(-H) * x0
         phi2 = math.expm1(-H) / H + 1
-        if len(x0s) >= 2:
+        k = _usable_order(3, h, hs)
+        if k == 3:
             r0, r1 = hs[0] / h, hs[1] / h
             d1_0, d1_1 = (x0 - x0s[0]) / r0, (x0s[0] - x0s[1]) / r1
             d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
             d2 = (d1_0 - d1_1) / (r0 + r1)
             x = x + phi2 * d1 - (phi2 / H - 0.5) * d2
-        elif len(x0s) == 1:
+        elif k == 2:
             x = x + phi2 * (x0 - x0s[0]) / (hs[0] / h)
         if eta > 0:
             x = x + s_noise * s_next * math.sqrt(-math.expm1(-2 * eta * h)) * noise()
@@ -316,8 +340,8 @@ def _unipc_update(x, s, s_next, lams, x0s, variant, x0_new=None):
 def sample_unipc(D, x, sigmas, noise=None, callback=_noop, order=2, variant="bh2"):
     """UniPC (Zhao et al. 2023): the UniP-``order`` multistep predictor on the data prediction, then the UniC
     corrector, which reuses the next evaluation to raise the accuracy to order + 1 at no extra NFE. Lower
-    order while the history fills; the last step to sigma = 0 is first order (it lands on the data
-    prediction) and has no corrector, as in the paper's code."""
+    order while the history fills or after a jump in step size (MAX_STEP_RATIO); the last step to
+    sigma = 0 is first order (it lands on the data prediction) and has no corrector, as in the paper's code."""
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unknown UniPC variant {variant!r}; choose one of: bh1, bh2")
     lams, x0s = [], []
@@ -327,7 +351,8 @@ def sample_unipc(D, x, sigmas, noise=None, callback=_noop, order=2, variant="bh2
             x = _unipc_update(x_prev, sigmas[i - 1], s, lams[:p], x0s[:p], variant, x0_new=x0)
         callback(i, x, s, x0)
         lams, x0s = [_lam(s)] + lams[: order - 1], [x0] + x0s[: order - 1]
-        p = 1 if s_next == 0 else min(order, i + 1)
+        h = _lam(s_next) - lams[0]
+        p = 1 if s_next == 0 else _usable_order(order, h, [a - b for a, b in zip(lams[:-1], lams[1:])])
         x_prev, x = x, _unipc_update(x, s, s_next, lams[:p], x0s[:p], variant)
     return x
 

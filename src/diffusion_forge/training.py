@@ -58,40 +58,40 @@ class TrainConfig:
     flip: bool = False                   # random horizontal flips
     # model
     model: str = "unet"                  # unet | mlp | diffusers_unet
-    preset: str = "tiny"                 # tiny | small | base
+    preset: str = "small"                # tiny | small | base
     model_options: dict = field(default_factory=dict)  # overrides of the preset, e.g. {"dropout": 0.1}
     # diffusion process and objective
     schedule: str = "cosine"             # linear | scaled_linear | cosine | sigmoid
-    num_timesteps: int = 1000
-    zero_terminal_snr: bool = False
+    num_timesteps: int = 1000            # training timesteps T
+    zero_terminal_snr: bool = False      # rescale to SNR 0 at T - 1 (needs v_prediction or sample)
     prediction: str = "v_prediction"     # epsilon | sample | v_prediction
     min_snr_gamma: float | None = 5.0    # min-SNR-gamma loss weighting (None: off)
     # optimisation
     steps: int = 3000                    # optimiser steps in the whole run
-    batch_size: int = 128                # global batch per optimiser step (all processes x accumulation)
+    batch_size: int = 64                 # global batch per optimiser step (all processes x accumulation)
     grad_accum: int = 1                  # micro-batches per optimiser step
     lr: float = 2e-3                     # peak learning rate of AdamW
     lr_schedule: str = "constant"        # constant | cosine (after the warm-up)
     warmup_steps: int = 100              # linear warm-up from lr / warmup_steps to lr
     min_lr: float = 0.0                  # where the cosine schedule ends
     weight_decay: float = 0.0            # AdamW decoupled weight decay (matrices and kernels only)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    adam_beta1: float = 0.9              # AdamW beta1
+    adam_beta2: float = 0.999            # AdamW beta2
     grad_clip: float = 1.0               # clip the global gradient norm to this (0: off)
     # EMA of the weights (used for sampling)
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999             # EMA decay (the most it reaches, see ema_warmup)
     ema_warmup: bool = True              # decay_k = min(ema_decay, (1 + k) / (10 + k))
     # precision and randomness
-    mixed_precision: str = "auto"        # auto | no | bf16 | fp16  (auto: bf16 on CUDA if supported, else see docs)
-    seed: int = 0
+    mixed_precision: str = "auto"        # auto | no | bf16 | fp16 (auto: bf16 where the hardware has it, else fp32)
+    seed: int = 0                        # initial weights, data order, t, noise: all derive from it
     # what the run writes
     log_every: int = 10                  # metrics.jsonl line and progress-bar update every N steps
     checkpoint_every: int = 500          # also at the end and on Ctrl-C
     keep_checkpoints: int = 3            # keep the newest K checkpoints
     sample_every: int = 1000             # sample grid into samples/ every N steps (0: only at the end)
-    sample_n: int = 64
-    sampler: str = "dpmpp_2m"
-    sample_steps: int = 20
+    sample_n: int = 64                   # images in each grid
+    sampler: str = "dpmpp_2m"            # sampler of the grids (and of the demo)
+    sample_steps: int = 20               # its steps
 
     def __post_init__(self):
         self.validate()
@@ -362,17 +362,27 @@ def model_config(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> dict:
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CUDA with bf16 support, fp16 on older CUDA, and CPU_AUTO_PRECISION on the CPU."""
+    """'auto' -> bf16 on CUDA with bf16 support, fp16 on older CUDA; on the CPU bf16 where the CPU has
+    native bf16 instructions, else fp32 ("no")."""
     if requested != "auto":
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return CPU_AUTO_PRECISION
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else "no"
+    return "no"
 
 
-# Chosen by measurement (docs/training.md, "Mixed precision on the CPU"): on the 2-core AMD EPYC (Zen 4,
-# AVX512-BF16) the tiny U-Net's training step was not faster under bf16 autocast, so the CPU trains in fp32.
-CPU_AUTO_PRECISION = "no"
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """Native bf16 matrix instructions (x86 AVX512-BF16 or AMX-BF16), where emulated bf16 would be slower.
+    Measured (docs/training.md): bf16 autocast trains the default U-Net about 1.3-1.8x faster on a Zen 4 CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast(precision: str, device: torch.device):
@@ -417,10 +427,10 @@ class Trainer:
     """Train ``cfg`` into ``run_dir`` (resuming it when it holds checkpoints). See :meth:`fit`."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, progress: bool = True,
-                 accelerator=None):
+                 accelerator=None, max_seconds: float | None = None):
         from accelerate import Accelerator
 
-        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.cfg, self.run_dir, self.progress, self.max_seconds = cfg, Path(run_dir), progress, max_seconds
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
         self.device = self.acc.device
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
@@ -588,7 +598,8 @@ class Trainer:
         """Train to ``cfg.steps``. Returns a summary dict; raises :class:`TrainingDiverged` on NaN/inf.
 
         Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, return with
-        ``summary["interrupted"] = True``; a second Ctrl-C stops at once."""
+        ``summary["interrupted"] = True``; a second Ctrl-C stops at once. The same happens when
+        ``max_seconds`` of training have passed (resume later to go on)."""
         cfg, main = self.cfg, self.acc.is_main_process
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -621,7 +632,8 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 loss, grad_norm = self.train_step(self.step)
-                stop = torch.tensor([loss.item(), float(self._stop_signal is not None)])
+                out_of_time = self.max_seconds is not None and time.perf_counter() - t0 > self.max_seconds
+                stop = torch.tensor([loss.item(), float(self._stop_signal is not None or out_of_time)])
                 if self.world > 1:  # the mean loss over processes, and stop if any process was asked to
                     stop = self.acc.reduce(stop.to(self.device), reduction="sum").cpu()
                     stop[0] /= self.world
@@ -650,6 +662,7 @@ class Trainer:
                     self.save()
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < cfg.steps and main:
                     self.write_samples()
+            summary["train_seconds"] = time.perf_counter() - t0
             if bar is not None:
                 bar.close()
             if self.step > start or latest_checkpoint(self.run_dir, verify=False) is None:
@@ -659,7 +672,12 @@ class Trainer:
                     plot_loss(self.run_dir)
                 if self.step >= cfg.steps and self.step > start:
                     summary["samples"] = str(self.write_samples())
-            if stopping:
+            if stopping and self._stop_signal is None:
+                summary["time_limit"] = True
+                if main:
+                    print(f"stopped at the time limit, step {self.step}: checkpoint saved in {self.checkpoint_dir}; "
+                          "run the same command again to go on")
+            elif stopping:
                 summary["interrupted"] = True
                 if main:
                     print(f"\ninterrupted at step {self.step}: checkpoint saved in {self.checkpoint_dir}; "
@@ -673,9 +691,9 @@ class Trainer:
         return summary
 
 
-def train(cfg: TrainConfig, run_dir, progress: bool = True) -> dict:
+def train(cfg: TrainConfig, run_dir, progress: bool = True, max_seconds: float | None = None) -> dict:
     """Train (or resume) a run; the library entry point behind ``dforge train``."""
-    return Trainer(cfg, run_dir, progress=progress).fit()
+    return Trainer(cfg, run_dir, progress=progress, max_seconds=max_seconds).fit()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -236,14 +236,14 @@ def plot_trajectory(path, traj: dict, frames: int = 8, index: int = 0) -> dict:
                 _show(ax, x, label, fontsize=7)
             if col == 0:
                 ax.set_ylabel(name, fontsize=9)
-    for row in range(2):
-        ax = axes[row, -1]
-        if vectors:
-            ax.scatter(final[:, 0], final[:, 1], s=1, alpha=0.4, color="C3")
-            ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal", xticks=[], yticks=[])
-            ax.set_title("output", fontsize=7)
-        else:
-            _show(ax, final, "output", fontsize=7)
+    ax = axes[0, -1]
+    if vectors:
+        ax.scatter(final[:, 0], final[:, 1], s=1, alpha=0.4, color="C3")
+        ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal", xticks=[], yticks=[])
+        ax.set_title("output x_0", fontsize=7)
+    else:
+        _show(ax, final, "output x_0", fontsize=7)
+    axes[1, -1].axis("off")
     fig.suptitle(f"The reverse process: x_t and the model's x_0 prediction ({traj['sampler']}, {traj['steps']} steps)")
     save_figure(fig, path)
     return {"steps": picks, "t": [traj["t"][i] for i in picks], "x_t": xs, "x0": x0s, "final": final}

@@ -34,6 +34,8 @@ def register(sub) -> None:
                    help="sanity check: train on one fixed batch and print whether the loss falls below "
                         "0.1 x its initial value (no run folder is written)")
     p.add_argument("--overfit-steps", type=int, default=300, help="steps of the --overfit-batch check")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this much training time, with a checkpoint (run again to go on)")
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     p.set_defaults(func=run)
@@ -88,7 +90,8 @@ def run(args) -> int:
     if changes:
         print("resuming with changed settings: " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     try:
-        summary = train(cfg, args.out, progress=not args.no_progress)
+        summary = train(cfg, args.out, progress=not args.no_progress,
+                        max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     except TrainingDiverged as e:
         print(f"dforge train: error: {e}")
         return 1

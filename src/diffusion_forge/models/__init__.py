@@ -18,8 +18,8 @@ from torch import nn
 from .mlp import MLP_DEFAULTS, MLPDenoiser
 from .unet import UNET_DEFAULTS, UNet, timestep_embedding
 
-__all__ = ["build_model", "list_presets", "count_parameters", "PRESETS", "UNet", "MLPDenoiser",
-           "DiffusersUNet", "timestep_embedding"]
+__all__ = ["build_model", "list_presets", "count_parameters", "PRESETS", "UNET_DEFAULTS", "MLP_DEFAULTS",
+           "UNet", "MLPDenoiser", "DiffusersUNet", "timestep_embedding"]
 
 # Size presets per model type. U-Net levels halve the resolution, so sample_size must be divisible by
 # 2 ** (levels - 1): tiny and small take 28x28 (28 -> 14 -> 7) and 32x32; base takes 32x32, 64x64, ...
@@ -75,7 +75,8 @@ def _resolve_unet_options(opts: dict) -> dict:
         size = opts.get("sample_size")
         if size is None:
             raise ValueError("attention_resolutions (in pixels) needs sample_size; or give attention_levels")
-        levels = [size // 2 ** i for i in range(len(opts.get("block_out_channels", UNET_DEFAULTS["block_out_channels"])))]
+        n_levels = len(opts.get("block_out_channels", UNET_DEFAULTS["block_out_channels"]))
+        levels = [size // 2**i for i in range(n_levels)]
         res = opts.pop("attention_resolutions")
         missing = [r for r in res if r not in levels]
         if missing:

@@ -1,0 +1,49 @@
+"""diffusers schedulers through df.sample(..., scheduler=...)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffusion_forge as df
+
+diffusers = pytest.importorskip("diffusers")
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers vs numpy 2
+SCHED = df.NoiseSchedule.from_name("scaled_linear", 1000, 0.00085, 0.012)
+
+
+def model(x_t, t):
+    """A smooth deterministic toy epsilon-model, per sample."""
+    return 0.9 * x_t + 0.1 * torch.tanh(x_t * (t[:, None] / 1000 + 0.5))
+
+
+def config(**kw):
+    return {**{k: v for k, v in SCHED.to_diffusers_config().items() if k != "rescale_betas_zero_snr"}, **kw}
+
+
+def test_scheduler_runs_its_own_loop_and_is_not_mutated():
+    sched = diffusers.DDIMScheduler(**config(clip_sample=False))
+    seen = []
+    x = df.sample(model, SCHED, (3, 4), scheduler=sched, steps=7, generator=torch.Generator().manual_seed(0),
+                  callback=seen.append)
+    assert x.shape == (3, 4) and torch.isfinite(x).all()
+    assert len(seen) == 7 and seen[0]["t"] > seen[-1]["t"] and seen[-1]["x0"].shape == (3, 4)
+    assert sched.num_inference_steps is None          # the caller's scheduler was copied, not set up
+
+
+def test_scheduler_noise_is_per_sample():
+    sched = diffusers.EulerAncestralDiscreteScheduler(**config())
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    big = df.sample(model, SCHED, (4, 3), scheduler=sched, steps=8, generator=gens([1, 2, 3, 4]))
+    small = df.sample(model, SCHED, (2, 3), scheduler=sched, steps=8, generator=gens([4, 2]))
+    torch.testing.assert_close(small, big[[3, 1]], atol=1e-5, rtol=0)
+
+
+def test_scheduler_errors():
+    sched = diffusers.DDIMScheduler(**config(prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="prediction_type='v_prediction'"):
+        df.sample(model, SCHED, (2, 3), scheduler=sched, steps=5)
+    with pytest.raises(ValueError, match="not both"):
+        df.sample(model, SCHED, (2, 3), sampler="euler", scheduler=sched, steps=5, prediction="v_prediction")
+    with pytest.raises(ValueError, match="steps must be"):
+        df.sample(model, SCHED, (2, 3), scheduler=sched, steps=0, prediction="v_prediction")
