@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -258,7 +257,10 @@ def main(argv=None):
         for b in args.budgets:
             o, t = table[w_ours[b]][b][1], table[w_theirs[b]][b][1]
             print(f"| {b} | {w_ours[b]} {o:.4f} | {w_theirs[b]} {t:.4f} | {o / t:.2f} |")
-    print(f"\nour winners per budget: { {b: w.removeprefix('ours ') for b, w in w_ours.items()} }")
+    defaults = winners({k: v for k, v in table.items() if "(" not in k}, tuple(args.budgets))
+    print(f"\nour best per budget: { {b: w.removeprefix('ours ') for b, w in w_ours.items()} }")
+    print(f"our best on the default grid (samplers.DEFAULT_SAMPLERS): "
+          f"{ {b: w.removeprefix('ours ') for b, w in defaults.items()} }")
     print(f"n = {args.n} samples, dim = {DIM}, {COMPONENTS} components; {time.time() - t0:.0f}s", file=sys.stderr)
 
 

@@ -339,12 +339,14 @@ class CountingNet:
         return torch.stack([x.flatten(1).mean(1), x.flatten(1).std(1)], 1)
 
 
-def test_reference_features_are_cached_by_content(tmp_cache):
+def test_reference_features_are_cached_by_content(tmp_cache, monkeypatch):
     net = CountingNet()
     CountingNet.calls = 0
     a = ev.reference_features(net, "digits", 100, progress=False)
     b = ev.reference_features(net, "digits", 100, progress=False)
     assert CountingNet.calls == 1 and torch.equal(a, b) and a.shape == (100, 2)
+    monkeypatch.setattr(ev, "_REF_MEMO", {})                                 # a new process: read from disk
+    assert torch.equal(ev.reference_features(net, "digits", 100, progress=False), a) and CountingNet.calls == 1
     files = list((tmp_cache / "refstats").glob("*.safetensors"))
     assert len(files) == 1 and "digits-train-100-effnet" in files[0].name
     ev.reference_features(net, "digits", 50, progress=False)                 # another subset, another entry

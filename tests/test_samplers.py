@@ -315,6 +315,6 @@ def test_default_sampler_is_the_benchmarks_winner():
     won = bench.winners(table)
     assert {b: w.removeprefix("ours ") for b, w in won.items()} == {b: default_sampler(b) for b in bench.BUDGETS}
     stochastic = [bench.ours(n) for n, s in SAMPLERS.items() if s.stochastic]
-    rough, _ = bench.measure(stochastic, bench.BUDGETS, 2000)
+    rough, _ = bench.measure(stochastic, bench.BUDGETS, 1000)
     for b in bench.BUDGETS:
         assert all(row[b][1] > table[won[b]][b][1] for row in rough.values()), b

@@ -207,6 +207,20 @@ def record_trajectory(model, schedule: NoiseSchedule, shape, sampler: str = "dpm
     return rec
 
 
+def _lim(*arrays) -> float:
+    """A symmetric axis limit that holds 99.5% of the points of every array given."""
+    return 1.15 * max(float(torch.as_tensor(a).abs().float().quantile(0.995)) for a in arrays)
+
+
+def _scatter(ax, pts, lim: float, color: str = "C0", title: str | None = None) -> None:
+    pts = torch.as_tensor(pts).float()
+    ax.scatter(pts[:, 0], pts[:, 1], s=2 if len(pts) > 1000 else 4, alpha=0.5, color=color, linewidths=0)
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
+    ax.tick_params(labelsize=6)
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
 def _pick(n: int, k: int) -> list[int]:
     """k indices spread evenly over range(n), always the first and the last."""
     return sorted(set(np.linspace(0, n - 1, min(k, n)).round().astype(int).tolist()))
@@ -224,25 +238,21 @@ def plot_trajectory(path, traj: dict, frames: int = 8, index: int = 0) -> dict:
     final = traj["final"] if vectors else traj["final"][index]
     cols = len(picks) + 1
     fig, axes = plt.subplots(2, cols, figsize=(1.9 * cols, 4.2), squeeze=False)
+    lim_t, lim_0 = (_lim(xs[0]), _lim(final, *x0s[1:])) if vectors else (None, None)
     for col, i in enumerate(picks):
         for row, (x, name) in enumerate([(xs[col], "x_t"), (x0s[col], "predicted x_0")]):
             ax = axes[row, col]
             label = f"step {i}, t={traj['t'][i]:.0f}" if row == 0 else None
             if vectors:
-                ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4)
-                ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal", xticks=[], yticks=[])
-                ax.set_title(label, fontsize=7)
+                _scatter(ax, x, lim_t if row == 0 else lim_0, title=label)
             else:
                 _show(ax, x, label, fontsize=7)
             if col == 0:
                 ax.set_ylabel(name, fontsize=9)
-    ax = axes[0, -1]
     if vectors:
-        ax.scatter(final[:, 0], final[:, 1], s=1, alpha=0.4, color="C3")
-        ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal", xticks=[], yticks=[])
-        ax.set_title("output x_0", fontsize=7)
+        _scatter(axes[0, -1], final, lim_0, color="C3", title="output x_0 (zoomed)")
     else:
-        _show(ax, final, "output x_0", fontsize=7)
+        _show(axes[0, -1], final, "output x_0", fontsize=7)
     axes[1, -1].axis("off")
     fig.suptitle(f"The reverse process: x_t and the model's x_0 prediction ({traj['sampler']}, {traj['steps']} steps)")
     save_figure(fig, path)
@@ -272,6 +282,8 @@ def plot_sampler_grid(path, grid: dict, ncol: int | None = None) -> dict:
     steps = sorted(set(k[1] for k in grid))
     fig, axes = plt.subplots(len(samplers), len(steps), figsize=(2.4 * len(steps) + 0.6, 2.4 * len(samplers)),
                              squeeze=False)
+    vectors = next(iter(grid.values())).ndim == 2
+    lim = _lim(*grid.values()) if vectors else None
     for r, name in enumerate(samplers):
         for c, n in enumerate(steps):
             ax = axes[r, c]
@@ -280,8 +292,7 @@ def plot_sampler_grid(path, grid: dict, ncol: int | None = None) -> dict:
                 ax.axis("off")
                 continue
             if x.ndim == 2:
-                ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4)
-                ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal", xticks=[], yticks=[])
+                _scatter(ax, x, lim)
             else:
                 _show(ax, _tile(x, ncol or int(np.ceil(np.sqrt(len(x))))))
             if r == 0:
