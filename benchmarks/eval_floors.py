@@ -34,7 +34,6 @@ def main() -> None:
     p.add_argument("--speed", action="store_true", help="also time each feature network")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    train = ev.load_reference_images(args.data, args.n, "train")
     test = ev.load_reference_images(args.data, args.n, "test")
     rows = []
     nets = (["digits"] if args.data in ev.DIGIT_DATA else []) + ([] if args.skip_effnet else ["effnet"])

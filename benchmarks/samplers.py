@@ -8,7 +8,7 @@ the same per-sample seeds, on the linear (DDPM) schedule with 1000 training step
 (evaluate.frechet_distance) and sliced Wasserstein-1 distance (64 random directions) to fresh true samples;
 the "real vs real" row is the floor given by two independent true sample sets of the same size.
 
-    python benchmarks/samplers.py [--n 10000] [--budgets 5 10 20 50]
+    python benchmarks/samplers.py [--n 10000] [--nfe 5 10 20 50] [--only ours] [--match ipndm]
 """
 from __future__ import annotations
 
@@ -90,17 +90,19 @@ def errors(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------
 # Configurations
 
-def ours(name: str, sigmas: str = "default", **kw):
-    """One of our samplers; returns (label, run(model, schedule, shape, budget, seed) -> samples)."""
-    spec = SAMPLERS[name]
-    label = f"ours {name}" + ("" if sigmas == "default" else f" ({sigmas})")
+def ours(name: str, sigmas: str = "default", note: str = "", options: dict | None = None, **kw):
+    """One of our samplers (with ``options``, its sampler_options; ``note`` names them in the label);
+    returns (label, run(model, schedule, shape, budget, seed) -> samples)."""
+    spec, options = SAMPLERS[name], options or {}
+    extra = ", ".join(v for v in ("" if sigmas == "default" else sigmas, note) if v)
+    label = f"ours {name}" + (f" ({extra})" if extra else "")
 
     def run(model, schedule, shape, budget, seed, prediction="epsilon"):
-        n = spec.steps_for(budget)
+        n = spec.steps_for(budget, **options)
         if n == 0:
             return None
         return df.sample(model, schedule, shape, sampler=name, steps=n, sigmas=sigmas, prediction=prediction,
-                         generator=torch.Generator().manual_seed(seed), **kw)
+                         generator=torch.Generator().manual_seed(seed), sampler_options=options or None, **kw)
     return label, run
 
 
@@ -154,6 +156,8 @@ def our_configs():
     on the other two grids, which every sampler accepts."""
     extra = [ours(name, sigmas) for sigmas in ("exponential", "karras")
              for name in ("ipndm", "lms", "deis", "dpmpp_2m", "unipc")]
+    free = {"afs": True, "free_last_step": True}   # no evaluation at either end of the grid (see sample_ipndm)
+    extra += [ours("ipndm", sigmas, "free ends", free) for sigmas in ("default", "exponential", "karras")]
     return [ours(name) for name in SAMPLERS] + extra
 
 
@@ -239,7 +243,8 @@ def robustness(n: int = N_SAMPLES, budget: int = 10) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=N_SAMPLES, help="samples per configuration")
-    p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
+    p.add_argument("--budgets", "--nfe", type=int, nargs="+", default=list(BUDGETS), help="NFE budgets")
+    p.add_argument("--match", help="only the rows whose label contains this text")
     p.add_argument("--only", choices=("ours", "diffusers", "all"), default="all")
     p.add_argument("--robustness", action="store_true", help="only the table at the ends of cosine / zero-SNR")
     args = p.parse_args(argv)
@@ -247,6 +252,8 @@ def main(argv=None):
         print(robustness(args.n))
         return
     configs = ([] if args.only == "diffusers" else our_configs()) + ([] if args.only == "ours" else diffusers_configs())
+    if args.match:
+        configs = [c for c in configs if args.match in c[0]]
     t0 = time.time()
     table, floor = measure(configs, tuple(args.budgets), args.n, verbose=True)
     print(markdown(table, floor, tuple(args.budgets)))
@@ -257,7 +264,8 @@ def main(argv=None):
         for b in args.budgets:
             o, t = table[w_ours[b]][b][1], table[w_theirs[b]][b][1]
             print(f"| {b} | {w_ours[b]} {o:.4f} | {w_theirs[b]} {t:.4f} | {o / t:.2f} |")
-    defaults = winners({k: v for k, v in table.items() if "(" not in k}, tuple(args.budgets))
+    defaults = {k: v for k, v in table.items() if "(" not in k}
+    defaults = winners(defaults, tuple(args.budgets)) if defaults else {}
     print(f"\nour best per budget: { {b: w.removeprefix('ours ') for b, w in w_ours.items()} }")
     print(f"our best on the default grid (samplers.DEFAULT_SAMPLERS): "
           f"{ {b: w.removeprefix('ours ') for b, w in defaults.items()} }")

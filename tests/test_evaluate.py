@@ -90,7 +90,7 @@ def test_frechet_distance_rejects_mismatched_shapes():
 def test_kid_is_unbiased_for_two_samples_of_one_distribution():
     gen = torch.Generator().manual_seed(0)
     values, biased = [], []
-    for _ in range(200):
+    for _ in range(100):
         x, y = torch.randn(50, 8, generator=gen), torch.randn(50, 8, generator=gen)
         values.append(ev.mmd2_unbiased(x, y))
         k = lambda a, b: (a @ b.T / 8 + 1) ** 3  # noqa: E731
@@ -173,7 +173,7 @@ def _exact_denoiser(schedule, log_p):
     return model
 
 
-def _exact_expected_bound_per_dim(schedule, model, probs, nodes: int = 30) -> float:
+def _exact_expected_bound_per_dim(schedule, model, probs, nodes: int = 20) -> float:
     """E over the data of the bound, per dimension, in nats: for each level v, every term's expectation
     over x_t ~ N(sqrt(ab) v, 1 - ab) by Gauss-Hermite quadrature (no Monte Carlo anywhere; 20, 30 and 100
     nodes agree to 1e-8 bits/dim)."""

@@ -318,3 +318,40 @@ def test_default_sampler_is_the_benchmarks_winner():
     rough, _ = bench.measure(stochastic, bench.BUDGETS, 1000)
     for b in bench.BUDGETS:
         assert all(row[b][1] > table[won[b]][b][1] for row in rough.values()), b
+
+
+# ---------------------------------------------------------------------------------------------
+# iPNDM's free ends: the analytical first step and the last step without an evaluation
+
+FREE = {"afs": True, "free_last_step": True}
+
+
+@pytest.mark.parametrize("sigmas", ["exponential", "karras", "default"])
+def test_ipndm_free_ends_save_two_evaluations(sigmas):
+    spec = SAMPLERS["ipndm"]
+    assert [spec.nfe(n, **FREE) for n in (1, 2, 3, 7)] == [1, 0, 1, 5]
+    assert spec.steps_for(5, **FREE) == 7 and spec.nfe(7, afs=True) == 6
+    for steps in (1, 3, 5, 8):
+        model, seen = PointMass(SMALL), []
+        df.sample(model, SMALL, (2, 2), sampler="ipndm", steps=steps, sigmas=sigmas, sampler_options=FREE,
+                  generator=gen(2), callback=seen.append)
+        assert model.calls == spec.nfe(steps, **FREE) and len(seen) == steps
+
+
+def test_ipndm_free_ends_are_exact_where_their_assumptions_hold():
+    """The analytical first step assumes x_T is noise independent of zero-mean data; the free last step
+    reuses the newest slope, which is exact when the slope is constant. Both hold for a point mass at 0."""
+    class Zero(PointMass):
+        c = torch.zeros(2)
+    x = df.sample(Zero(SMALL), SMALL, (3, 2), sampler="ipndm", steps=7, sigmas="exponential",
+                  sampler_options=FREE, generator=gen(4))
+    torch.testing.assert_close(x, torch.zeros(3, 2), atol=1e-4, rtol=0)
+    # zero-terminal SNR: the closed-form start from SNR 0 takes the first step (with its evaluation)
+    sched = SCHEDULES["linear-zero-snr"][0]
+    model = Gaussian1D(sched, "v_prediction")
+    calls = []
+    wrapped = lambda x_t, t: (calls.append(1), model(x_t, t))[1]  # noqa: E731
+    x = df.sample(wrapped, sched, (2000, 1), sampler="ipndm", steps=20, prediction="v_prediction",
+                  spacing="linspace", sampler_options=FREE, generator=gen(0)).double()
+    assert len(calls) == SAMPLERS["ipndm"].nfe(20, afs=False, free_last_step=True) == 19
+    assert abs(x.mean() - model.mu) < 0.03 and abs(x.std() - model.s) < 0.03

@@ -300,6 +300,15 @@ def test_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path):
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
+def test_gradient_accumulation_matches_the_whole_batch(tmp_path):
+    T.train(tiny(steps=5), tmp_path / "one", progress=False)
+    T.train(tiny(steps=5, grad_accum=4), tmp_path / "acc", progress=False)
+    l1, l4 = losses(tmp_path / "one"), losses(tmp_path / "acc")
+    assert all(l4[s] == pytest.approx(l1[s], rel=1e-5) for s in l1)
+    a, b = load_checkpoint(tmp_path / "one").tensors("model"), load_checkpoint(tmp_path / "acc").tensors("model")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
 # ---------------------------------------------------------------------------------------------
 # Mixed precision and the one-batch sanity check
 

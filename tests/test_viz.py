@@ -129,3 +129,28 @@ def test_cli_viz_schedule_and_forward(tmp_path):
     assert all(_png_ok(tmp_path / n) for n in ("s.png", "f.png"))
     assert (tmp_path / "m.svg").stat().st_size > 10_000
     assert main(["viz", "trajectory", str(tmp_path / "no-run"), "--out", str(tmp_path / "t.png")]) == 2
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """A 2-D run trained for a few steps (seconds): enough to exercise the run commands."""
+    from diffusion_forge.training import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("runs") / "moons"
+    train(TrainConfig(data="moons", model="mlp", preset="tiny", mixed_precision="no", steps=20, batch_size=64,
+                      checkpoint_every=20, sample_every=0,
+                      sample_n=16, log_every=10), run, progress=False)
+    return run
+
+
+def test_cli_viz_and_eval_on_a_run(tmp_path, toy_run, capsys):
+    from diffusion_forge.cli import main
+
+    assert main(["viz", "trajectory", str(toy_run), "--out", str(tmp_path / "t.png"), "--steps", "4"]) == 0
+    assert main(["viz", "samplers", str(toy_run), "--out", str(tmp_path / "g.png"), "--samplers", "euler,heun",
+                 "--step-counts", "2,4"]) == 0
+    assert _png_ok(tmp_path / "t.png") and _png_ok(tmp_path / "g.png")
+    assert main(["viz", "samplers", str(toy_run), "--out", str(tmp_path / "x.png"), "--samplers", "nope"]) == 2
+    assert main(["eval", str(toy_run), "--n", "200", "--steps", "4", "--json", str(tmp_path / "e.json")]) == 0
+    out = capsys.readouterr().out
+    assert "FD-xy@200" in out and "precision-xy@200" in out

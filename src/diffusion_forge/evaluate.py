@@ -692,12 +692,15 @@ def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
 def kernel_inception_distance(real, fake, subsets: int = 100, subset_size: int = 1000,
                               seed: int = 0) -> tuple[float, float]:
     """KID: the mean and standard deviation of unbiased MMD^2 over ``subsets`` random subsets of
-    ``min(subset_size, len(real), len(fake))`` features from each set (the protocol of Binkowski et al.;
-    the name stays "KID" whatever network made the features, the label says which)."""
+    ``min(subset_size, len(real), len(fake))`` features from each set, halved when that is a whole set
+    (the protocol of Binkowski et al.; MMD^2 is unbiased at any subset size, so the mean keeps its
+    meaning). The name stays "KID" whatever network made the features; the label says which."""
     real, fake = _f64(real), _f64(fake)
     m = min(subset_size, len(real), len(fake))
-    if m < 2:
-        raise ValueError("KID needs at least 2 features in each set")
+    if m < 4:
+        raise ValueError("KID needs at least 4 features in each set")
+    if m == min(len(real), len(fake)):
+        m //= 2   # subsets of a whole set would all be equal: halve them so the spread means something
     gen = torch.Generator().manual_seed(seed)
     values = [mmd2_unbiased(real[torch.randperm(len(real), generator=gen)[:m]],
                             fake[torch.randperm(len(fake), generator=gen)[:m]]) for _ in range(subsets)]

@@ -170,16 +170,38 @@ def sample_lms(D, x, sigmas, noise=None, callback=_noop, order=4):
 
 
 @torch.no_grad()
-def sample_ipndm(D, x, sigmas, noise=None, callback=_noop):
+def sample_ipndm(D, x, sigmas, noise=None, callback=_noop, afs=False, free_last_step=False):
     """Improved PNDM (Zhang & Chen 2023, DEIS paper, iPNDM): the DDIM (Euler) transfer with eps_hat replaced
     by the fixed 4th-order Adams-Bashforth combination of the last four slopes (lower order at the start).
-    Fixed coefficients assume steps equal in sigma; :func:`sample_lms` is its variable-step relative."""
+    Fixed coefficients assume steps equal in sigma; :func:`sample_lms` is its variable-step relative.
+
+    Two options save an evaluation at either end of the grid, where it buys almost nothing:
+
+    - ``afs``: an analytical first step (after Zhou et al. 2024, "Fast ODE-based sampling for diffusion
+      models in around 5 steps", sec. 3.3): at the first sigma, pure noise (alpha_bar = 4e-5 at the end of
+      DDPM's linear schedule), the denoiser is taken as its limit E[x0], assumed 0 (zero-mean data, as
+      [-1, 1] images roughly are), so the slope is x / sigma, instead of asking the network. The error is
+      that of the prior x_t = z itself, which neglects the same sqrt(alpha_bar) E[x0]; the probability-flow
+      ODE then shrinks it by about data std / sigma_1. Not for a zero-terminal-SNR start (there the closed-form
+      step from SNR 0 takes the first step, with its evaluation).
+    - ``free_last_step``: the last step, from the grid's smallest sigma to 0, reuses the newest slope instead
+      of a new evaluation: it moves x by sigma_min eps_hat (sigma_min = 0.01 on DDPM's linear schedule), so
+      the slope's change over that step costs sigma_min times as much in x. Only for grids that end at the
+      schedule's sigma_min ("karras", "exponential", "linspace" spacing); on "trailing" the last sigma is
+      that of t = T/n - 1, where the slope still changes (benchmarks/samplers.py shows it).
+
+    Each saves one evaluation (``SAMPLERS["ipndm"].nfe``), which the grid spends on one more step."""
     ds = []
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x0 = D(x, s)
-        callback(i, x, s, x0)
-        ds = [(x - x0) / s] + ds[:3]
-        x = x + (s_next - s) * sum(c * d for c, d in zip(AB_FIXED[len(ds) - 1], ds))
+        if afs and i == 0 and s_next > 0:
+            d = x / s
+        elif free_last_step and s_next == 0 and ds:
+            d = ds[0]
+        else:
+            d = (x - D(x, s)) / s
+        callback(i, x, s, x - s * d)
+        ds = [d] + ds[:3]
+        x = x + (s_next - s) * sum(c * dj for c, dj in zip(AB_FIXED[len(ds) - 1], ds))
     return x
 
 
@@ -397,6 +419,10 @@ def _two_stage_nfe(n, o):  # two evaluations a step, one on the last (and on the
     return 2 * n - 1 - (1 if o["euler_start"] and n > 1 else 0)
 
 
+def _ipndm_nfe(n, o):  # the free first and last steps need a step after / before them
+    return n - (n > 1) * (int(o["afs"]) + int(o["free_last_step"]))
+
+
 def _pndm_nfe(n, o):  # four evaluations on each Runge-Kutta step
     first = int(o["euler_start"])
     return n + 3 * max(0, min(first + 3, n - 1) - first)
@@ -411,7 +437,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpm_2": SamplerSpec(sample_dpm_2, _two_stage_nfe, 2, {"euler_start": True}),
     "lms": SamplerSpec(sample_lms, _one_per_step, 4, {"order": 4}),
     "pndm": SamplerSpec(sample_pndm, _pndm_nfe, 2, {"euler_start": True}),
-    "ipndm": SamplerSpec(sample_ipndm, _one_per_step, 2),
+    "ipndm": SamplerSpec(sample_ipndm, _ipndm_nfe, 2, {"afs": False, "free_last_step": False}),
     "deis": SamplerSpec(sample_deis, _one_per_step, 3, {"order": 3}),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, _one_per_step, 2),
     "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, _one_per_step, 2, {"eta": 1.0, "s_noise": 1.0}, True),
@@ -527,5 +553,7 @@ def sample(model: Callable, schedule: NoiseSchedule, shape, sampler: str | None 
     offset = steps + 1 - len(grid)
     if offset and "euler_start" in options:  # the step from SNR 0 was that first-order first step
         options["euler_start"] = False
+    if offset and "afs" in options:  # ... and it took the first step from pure noise, with its evaluation
+        options["afs"] = False
     x = spec.fn(D, x, grid.tolist(), noise, cb, **options)
     return x.to(dtype)

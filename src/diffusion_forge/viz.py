@@ -126,7 +126,7 @@ def plot_forward_strip(path, image: torch.Tensor, schedules: dict[str, NoiseSche
                 ax.set_title(f"t={ts[col]}", fontsize=8)
             if col == 0:
                 ax.set_ylabel(label, fontsize=8)
-    fig.suptitle("The forward process q(x_t | x_0): data turning into noise")
+    fig.suptitle("The forward process q(x_t | x_0): data turning into noise (one noise draw for every panel)")
     save_figure(fig, path)
     return out
 
