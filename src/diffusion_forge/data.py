@@ -211,7 +211,7 @@ _BUNDLED_LOADERS: dict[str, Callable] = {"mnist": _mnist, "digits": _digits, "em
 
 def _cache_path(name: str, produced_by) -> Path | None:
     """``<cache>/<name>-<hash of what produced it>.npz``; None when there is no writable cache."""
-    from .evaluate import cache_dir, content_key
+    from .files import cache_dir, content_key
 
     try:
         return cache_dir() / f"{name}-{content_key(produced_by)}.npz"
@@ -220,10 +220,10 @@ def _cache_path(name: str, produced_by) -> Path | None:
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    from .evaluate import _atomic_write
+    from .files import atomic_write
 
     try:
-        _atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+        atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
     except OSError as e:  # a full or read-only disk only costs speed next time
         warnings.warn(f"could not cache {path.name}: {e}", stacklevel=3)
 

@@ -6,12 +6,12 @@ and writes a PNG atomically. matplotlib is imported lazily with the Agg backend.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .files import atomic_write
 from .process import q_sample
 from .schedules import SCHEDULE_NAMES, NoiseSchedule
 
@@ -26,20 +26,13 @@ def _plt():
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Write a matplotlib figure atomically (temp file + rename); the format follows the suffix."""
+    """Write a matplotlib figure atomically; the format follows the suffix (.png, .svg, ...)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight",
+                                                          format=path.suffix.lstrip(".") or "png"))
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         _plt().close(fig)
-    return path
 
 
 def save_image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | None = None, pad: int = 2) -> Path:
@@ -54,18 +47,7 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | Non
     for i, img in enumerate(images):
         r, q = divmod(i, nrow)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG"))
 
 
 def default_schedules(num_timesteps: int = 1000) -> dict[str, NoiseSchedule]:

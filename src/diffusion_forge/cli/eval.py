@@ -121,11 +121,11 @@ def run(args) -> int:
             return _toy_report(args, trained, data, x, report)
         images = to_uint8(x)
         if args.save_samples:
-            from ..evaluate import _atomic_write
+            from ..files import atomic_write
             def write(tmp):
                 with open(tmp, "wb") as f:
                     np.savez(f, images=images)
-            _atomic_write(Path(args.save_samples), write)
+            atomic_write(Path(args.save_samples), write)
             print(f"  wrote {args.save_samples} (key 'images', uint8 N x H x W x C)")
     elif target.suffix == ".npz" and target.is_file():
         if not args.data:
@@ -218,7 +218,7 @@ def _write_json(path, report) -> None:
     import json
     from pathlib import Path
 
-    from ..evaluate import _atomic_write
+    from ..files import atomic_write
 
     text = json.dumps(report, indent=2, default=float)
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
