@@ -10,14 +10,6 @@ from diffusion_forge.models import (PRESETS, MLPDenoiser, UNet, build_model, cou
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is fastest, and does not fight other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 TWO_CONFIGS = [
     # the tiny preset on MNIST's 28 x 28 (28 -> 14), attention at 14 x 14
     dict(preset="tiny", sample_size=28),
