@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,9 +32,10 @@ from diffusion_forge.checkpoint import TrainedModel
 from diffusion_forge.data import load_dataset, load_mnist, to_uint8
 from diffusion_forge.training import TrainConfig, Trainer, generate
 
-COURSE_UNET = dict(sample_size=28, in_channels=1, out_channels=1, layers_per_block=2, block_out_channels=(32, 64, 64),
-                   down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                   up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+COURSE_UNET = {"sample_size": 28, "in_channels": 1, "out_channels": 1, "layers_per_block": 2,
+               "block_out_channels": (32, 64, 64),
+               "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+               "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")}
 
 
 def train_ours(out: Path, seconds: float, seed: int) -> tuple[TrainedModel, dict]:
@@ -89,20 +89,28 @@ def train_course(seconds: float, seed: int) -> tuple[TrainedModel, dict]:
     return trained, {"steps": steps, "batch": 128, "train_s": time.perf_counter() - start, "precision": "no"}
 
 
+def parse_sampler(spec: str) -> tuple[str, dict]:
+    """"euler_ancestral:eta=1.8" -> ("euler_ancestral", {"eta": 1.8})."""
+    name, _, opts = spec.partition(":")
+    return name, {k: float(v) for k, v in (o.split("=") for o in opts.split(",") if o)}
+
+
 def score(trained: TrainedModel, samplers: list[str], n: int, ref_stats, clf) -> dict:
     """Sample n images at 20 NFE with each sampler; keep the one with the lowest FD."""
     best = None
-    for sampler in samplers:
+    for spec in samplers:
+        sampler, options = parse_sampler(spec)
         nfe_steps = 10 if sampler in ("heun", "dpm_2") else 20  # second-order single-step: 2 NFE per step
         t0 = time.perf_counter()
         with torch.no_grad():
-            x = generate(trained, n, seed=0, sampler=sampler, steps=nfe_steps, batch_size=250)
+            x = generate(trained, n, seed=0, sampler=sampler, steps=nfe_steps, batch_size=250,
+                         sampler_options=options)
         images = to_uint8(x)
         mu, sigma = evaluate.feature_stats(clf.features(images))
-        result = {"sampler": sampler, "fd": evaluate.frechet_distance(mu, sigma, *ref_stats),
+        result = {"sampler": spec, "fd": evaluate.frechet_distance(mu, sigma, *ref_stats),
                   "confident": evaluate.digit_confidence_score(images), "sample_s": time.perf_counter() - t0,
                   "images": images}
-        print(f"  {sampler:<10} FD {result['fd']:8.3f}  confident {result['confident']:.1%}  "
+        print(f"  {spec:<22} FD {result['fd']:8.3f}  confident {result['confident']:.1%}  "
               f"({result['sample_s']:.0f} s)", flush=True)
         if best is None or result["fd"] < best["fd"]:
             best = result
@@ -116,8 +124,10 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=1000, help="samples per recipe (and real images for the floor)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/bench-recipe", help="folder for runs, grids and results.json")
-    p.add_argument("--ours-samplers", default="dpmpp_2m,unipc,ddim", help="candidates for our model")
-    p.add_argument("--course-samplers", default="dpmpp_2m,ddim", help="candidates for the course model")
+    p.add_argument("--ours-samplers", default="euler_ancestral:eta=1.8;euler_ancestral:eta=1.6;dpmpp_2m_sde;dpmpp_2m",
+                   help="candidates for our model, ';'-separated, NAME[:OPTION=VALUE,...]")
+    p.add_argument("--course-samplers", default="euler_ancestral:eta=1.6;ddpm;dpmpp_2m",
+                   help="candidates for the course model (same format)")
     p.add_argument("--only", choices=["ours", "course"], default=None, help="run one recipe only")
     args = p.parse_args(argv)
 
@@ -135,9 +145,9 @@ def main(argv=None) -> int:
 
     rows = {}
     for name, trainer, samplers in (("ours", lambda: train_ours(out, args.minutes * 60, args.seed),
-                                     args.ours_samplers.split(",")),
+                                     args.ours_samplers.split(";")),
                                     ("course", lambda: train_course(args.minutes * 60, args.seed),
-                                     args.course_samplers.split(","))):
+                                     args.course_samplers.split(";"))):
         if args.only and args.only != name:
             continue
         print(f"training {name} for up to {args.minutes:g} minutes", flush=True)
@@ -151,13 +161,13 @@ def main(argv=None) -> int:
 
     print(f"\nRecipe benchmark: {args.minutes:g} min of training each, {args.n} samples at 20 NFE, "
           f"{torch.get_num_threads()} threads, FD in digit-classifier features vs the MNIST test set")
-    header = f"{'recipe':<8} {'steps':>6} {'batch':>5} {'train s':>8} {'images/s':>9} {'sampler':>9} " \
+    header = f"{'recipe':<8} {'steps':>6} {'batch':>5} {'train s':>8} {'images/s':>9} {'sampler':>22} " \
              f"{'FD':>9} {'FD/floor':>9} {'confident':>9}"
     print(header + "\n" + "-" * len(header))
     for name, r in rows.items():
         print(f"{name:<8} {r['steps']:>6} {r['batch']:>5} {r['train_s']:>8.0f} {r['images_per_s']:>9.1f} "
-              f"{r['sampler']:>9} {r['fd']:>9.3f} {r['fd'] / floor:>9.2f} {r['confident']:>9.1%}")
-    print(f"{'real':<8} {'':>6} {'':>5} {'':>8} {'':>9} {'':>9} {floor:>9.3f} {1:>9.2f}")
+              f"{r['sampler']:>22} {r['fd']:>9.3f} {r['fd'] / floor:>9.2f} {r['confident']:>9.1%}")
+    print(f"{'real':<8} {'':>6} {'':>5} {'':>8} {'':>9} {'':>22} {floor:>9.3f} {1:>9.2f}")
     if len(rows) == 2:
         o, c = rows["ours"], rows["course"]
         checks = {"FD <= course FD / 10": o["fd"] <= c["fd"] / 10, "FD <= 5 x floor": o["fd"] <= 5 * floor,

@@ -113,7 +113,7 @@ def test_foreign_and_future_files_are_refused(tmp_path):
     (tmp_path / "a" / "state.json").write_text(json.dumps({"format": "something.else", "step": 1}))
     with pytest.raises(ck.CheckpointError, match="not a Diffusion Forge checkpoint"):
         ck.load_checkpoint(tmp_path / "a")
-    model, opt, ema = _model_and_friends()
+    model, _, _ = _model_and_friends()
     path = ck.save_checkpoint(tmp_path / "b", 3, model)
     state = json.loads((path / "state.json").read_text())
     state["format_version"] = ck.FORMAT_VERSION + 1
@@ -125,7 +125,7 @@ def test_foreign_and_future_files_are_refused(tmp_path):
 
 
 def test_weights_of_another_model_are_refused_by_name(tmp_path):
-    model, opt, ema = _model_and_friends()
+    model, _, _ = _model_and_friends()
     path = ck.save_checkpoint(tmp_path, 1, model)
     other = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
     with pytest.raises(ck.CheckpointError, match="shape differs: 2.bias, 2.weight"):
@@ -133,7 +133,7 @@ def test_weights_of_another_model_are_refused_by_name(tmp_path):
 
 
 def test_saving_the_same_step_twice_replaces_it(tmp_path):
-    model, opt, ema = _model_and_friends()
+    model, _, _ = _model_and_friends()
     ck.save_checkpoint(tmp_path, 5, model)
     with torch.no_grad():
         model[0].weight.add_(1)

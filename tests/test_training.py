@@ -109,12 +109,23 @@ def test_changed_settings_on_resume_are_refused_unless_allowed(tmp_path):
     T.train(tiny(steps=2), tmp_path, progress=False)
     cfg, changes = T.run_config(tmp_path, None, {k: str(v) for k, v in {**TINY, "steps": 2}.items()})
     assert changes == {} and cfg.steps == 2
-    with pytest.raises(T.ChangedSettings, match=r"other settings \(steps: 2 -> 4, lr: 0.002 -> 0.01\).*--allow-changes"):
+    refused = r"other settings \(steps: 2 -> 4, lr: 0.002 -> 0.01\).*--allow-changes"
+    with pytest.raises(T.ChangedSettings, match=refused):
         T.run_config(tmp_path, None, {"steps": "4", "lr": "0.01"})
     cfg, changes = T.run_config(tmp_path, None, {"steps": "4"}, allow_changes=True)
     assert changes == {"steps": (2, 4)}
     summary = T.train(cfg, tmp_path, progress=False)
     assert (summary["start_step"], summary["step"]) == (2, 4)
+
+
+def test_a_checkpoint_that_does_not_fit_a_changed_model_is_refused(tmp_path):
+    from diffusion_forge.checkpoint import CheckpointError
+
+    T.train(tiny(steps=2), tmp_path, progress=False)
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        T.train(tiny(steps=4, preset="small"), tmp_path, progress=False)
+    assert (tmp_path / "config.json").read_text() == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +144,7 @@ def test_batches_cover_each_epoch_once_and_are_reproducible():
 
 
 def test_learning_rate_warmup_then_constant_or_cosine():
-    c = tiny(lr=1.0, warmup_steps=10, steps=110)
+    c = tiny(lr=1.0, warmup_steps=10, steps=110, lr_schedule="constant")
     assert [T.learning_rate(s, c) for s in (0, 4, 9, 10, 109)] == [0.1, 0.5, 1.0, 1.0, 1.0]
     c = tiny(lr=1.0, warmup_steps=10, steps=110, lr_schedule="cosine", min_lr=0.1)
     assert T.learning_rate(10, c) == pytest.approx(1.0)
@@ -211,6 +222,13 @@ def test_run_folder_layout(tmp_path):
     assert (again["start_step"], again["step"]) == (6, 6)          # a finished run is left as it is
 
 
+def test_eval_every_writes_quality_metrics(tmp_path):
+    T.train(tiny(steps=4, eval_every=2, eval_n=64), tmp_path, progress=False)
+    evals = [r for r in T.read_metrics(tmp_path) if "eval_seconds" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(any(k.startswith("FD-xy@") for k in r) for r in evals)
+
+
 def test_sigkill_three_times_then_resume_gives_bit_identical_losses(tmp_path):
     steps = 60
     flags = ["train", "--no-progress", *cli_flags(steps=steps, checkpoint_every=3, keep_checkpoints=2)]
@@ -280,11 +298,11 @@ def _free_port() -> int:
 def test_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path):
     """batch_size is the global batch: 2 processes x 16 must match 1 process x 32 (up to summation order),
     and both processes must hold the same weights and EMA (checked by digest at every checkpoint)."""
-    cfg = dict(steps=12, checkpoint_every=6, batch_size=32)
+    cfg = {"steps": 12, "checkpoint_every": 6, "batch_size": 32}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                           "-m", "diffusion_forge", "train", "--no-progress", "--out", str(tmp_path / "two"),
-                          *cli_flags(**cfg)], capture_output=True, text=True, env=ONE_THREAD, timeout=150)
+                          *cli_flags(**cfg)], capture_output=True, text=True, env=ONE_THREAD, timeout=150, check=False)
     assert two.returncode == 0, two.stdout + two.stderr
     assert "2 process(es)" in two.stdout
     T.train(tiny(**cfg), tmp_path / "one", progress=False)
@@ -331,7 +349,7 @@ def test_fp16_loss_scaler_path_on_cpu(tmp_path):
 
 def test_bf16_autocast_trains(tmp_path):
     summary = T.train(tiny(steps=3, mixed_precision="bf16"), tmp_path, progress=False)
-    assert summary["precision"] == "bf16" and all(map(lambda r: r["loss"] < 10, T.read_metrics(tmp_path)))
+    assert summary["precision"] == "bf16" and all(r["loss"] < 10 for r in T.read_metrics(tmp_path))
 
 
 def test_overfit_batch_verdicts():

@@ -28,10 +28,14 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from .schedules import NoiseSchedule
 
 FORMAT = "diffusion_forge.checkpoint"
 FORMAT_VERSION = 1
@@ -369,7 +373,7 @@ class TrainedModel:
     """What sampling needs from a run: the network and the process it was trained for."""
 
     model: torch.nn.Module
-    schedule: "object"  # NoiseSchedule
+    schedule: NoiseSchedule
     prediction: str
     sample_shape: tuple[int, ...]  # one sample's shape, e.g. (1, 28, 28)
     config: dict

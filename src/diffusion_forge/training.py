@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import (TrainedModel, atomic_write_text, latest_checkpoint, save_checkpoint, write_json)
+from .checkpoint import TrainedModel, atomic_write_text, latest_checkpoint, save_checkpoint, write_json
 from .ema import EMA
 from .losses import diffusion_loss
 from .process import PREDICTIONS
@@ -67,13 +67,13 @@ class TrainConfig:
     prediction: str = "v_prediction"     # epsilon | sample | v_prediction
     min_snr_gamma: float | None = 5.0    # min-SNR-gamma loss weighting (None: off)
     # optimisation
-    steps: int = 3000                    # optimiser steps in the whole run
+    steps: int = 2000                    # optimiser steps in the whole run
     batch_size: int = 64                 # global batch per optimiser step (all processes x accumulation)
     grad_accum: int = 1                  # micro-batches per optimiser step
     lr: float = 2e-3                     # peak learning rate of AdamW
-    lr_schedule: str = "constant"        # constant | cosine (after the warm-up)
+    lr_schedule: str = "cosine"          # constant | cosine (after the warm-up)
     warmup_steps: int = 100              # linear warm-up from lr / warmup_steps to lr
-    min_lr: float = 0.0                  # where the cosine schedule ends
+    min_lr: float = 2e-4                 # where the cosine schedule ends
     weight_decay: float = 0.0            # AdamW decoupled weight decay (matrices and kernels only)
     adam_beta1: float = 0.9              # AdamW beta1
     adam_beta2: float = 0.999            # AdamW beta2
@@ -90,8 +90,11 @@ class TrainConfig:
     keep_checkpoints: int = 3            # keep the newest K checkpoints
     sample_every: int = 1000             # sample grid into samples/ every N steps (0: only at the end)
     sample_n: int = 64                   # images in each grid
-    sampler: str = "dpmpp_2m"            # sampler of the grids (and of the demo)
+    sampler: str = "euler_ancestral"     # sampler of the grids, the demo and `dforge sample`
     sample_steps: int = 20               # its steps
+    sampler_options: dict = field(default_factory=lambda: {"eta": 1.8})  # its options (eta > 1: more fresh noise)
+    eval_every: int = 0                  # FD and (MNIST) digit confidence of eval_n EMA samples every N steps (0: off)
+    eval_n: int = 256                    # samples per evaluation (small n: "FD@256", not comparable to 10k FID)
 
     def __post_init__(self):
         self.validate()
@@ -107,10 +110,10 @@ class TrainConfig:
         choice("lr_schedule", LR_SCHEDULES)
         choice("model", MODEL_TYPES)
         for key in ("steps", "batch_size", "grad_accum", "num_timesteps", "log_every", "sample_n", "sample_steps",
-                    "checkpoint_every", "keep_checkpoints"):
+                    "checkpoint_every", "keep_checkpoints", "eval_n"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("warmup_steps", "sample_every", "weight_decay", "grad_clip", "min_lr"):
+        for key in ("warmup_steps", "sample_every", "weight_decay", "grad_clip", "min_lr", "eval_every"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not self.lr > 0:
@@ -122,13 +125,14 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
         if self.zero_terminal_snr and self.prediction == "epsilon":
-            raise ValueError("zero_terminal_snr needs prediction=v_prediction or sample (epsilon is undefined at SNR 0)")
+            raise ValueError("zero_terminal_snr needs prediction=v_prediction or sample "
+                             "(epsilon is undefined at SNR 0)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         check_keys(d)
         return cls(**{k: coerce(k, v) for k, v in d.items()})
 
@@ -577,9 +581,19 @@ class Trainer:
         trained = TrainedModel(self.ema.module, self.schedule, self.cfg.prediction, self.sample_shape,
                                self.cfg.to_dict(), self.step)
         x = generate(trained, self.cfg.sample_n, seed=0, sampler=self.cfg.sampler, steps=self.cfg.sample_steps,
-                     device=self.device)
+                     device=self.device, sampler_options=self.cfg.sampler_options)
         return save_samples(x, self.run_dir / "samples" / f"step-{self.step:08d}.png",
                             title=f"{self.run_dir.name}, step {self.step}")
+
+    def evaluate(self) -> dict:
+        """evaluate.py's quick check on eval_n EMA samples (fixed seeds, the run's sampler)."""
+        from .evaluate import evaluate_during_training
+
+        cfg = self.cfg
+        return evaluate_during_training(self.ema.module, self.schedule, cfg.prediction, cfg.data, n=cfg.eval_n,
+                                        sample_shape=self.sample_shape, sampler=cfg.sampler, steps=cfg.sample_steps,
+                                        image_size=cfg.image_size, channels=cfg.channels,
+                                        sampler_options=cfg.sampler_options)
 
     # -- the loop -----------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -601,12 +615,10 @@ class Trainer:
         ``summary["interrupted"] = True``; a second Ctrl-C stops at once. The same happens when
         ``max_seconds`` of training have passed (resume later to go on)."""
         cfg, main = self.cfg, self.acc.is_main_process
+        resumed = self.resume()  # first: a checkpoint that does not fit the config leaves config.json alone
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", cfg.to_dict())
-        self.acc.wait_for_everyone()
-        resumed = self.resume()
-        if main:
             self._truncate_metrics(self.step)
             if resumed:
                 print(f"resuming {self.run_dir} from step {self.step}")
@@ -662,6 +674,8 @@ class Trainer:
                     self.save()
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < cfg.steps and main:
                     self.write_samples()
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps) and main:
+                    self._log({"step": self.step, **self.evaluate()})
             summary["train_seconds"] = time.perf_counter() - t0
             if bar is not None:
                 bar.close()

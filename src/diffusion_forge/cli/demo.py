@@ -49,11 +49,13 @@ def run(args) -> int:
         return 130
 
     trained = load_model_from_run(out)
-    x = generate(trained, args.n, seed=0, sampler=cfg.sampler, steps=cfg.sample_steps)
+    x = generate(trained, args.n, seed=0, sampler=cfg.sampler, steps=cfg.sample_steps,
+                 sampler_options=cfg.sampler_options)
     samples = to_uint8(x)
     save_image_grid(samples[:100], out / "samples.png", nrow=10)
     print(f"wrote {out / 'samples.png'} ({min(args.n, 100)} of {args.n} samples, step {trained.step}, EMA weights, "
-          f"{cfg.sampler} with {cfg.sample_steps} steps) and the loss curve {out / 'loss.png'}")
+          f"{cfg.sampler} {cfg.sampler_options or ''} with {cfg.sample_steps} steps) "
+          f"and the loss curve {out / 'loss.png'}")
     if not args.no_score:
         try:
             from ..evaluate import digit_confidence_score

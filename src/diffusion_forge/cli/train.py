@@ -47,14 +47,15 @@ def config_table() -> list[tuple[str, str, str]]:
     import importlib.util
     import re
 
-    source = open(importlib.util.find_spec("diffusion_forge.training").origin).read()
+    with open(importlib.util.find_spec("diffusion_forge.training").origin) as f:
+        source = f.read()
     body = source.split("class TrainConfig:", 1)[1].split("def __post_init__", 1)[0]
     field = re.compile(r"^    (\w+): [^=]+= (.+?)(?:\s+# (.*))?$")
     rows = []
     for line in body.splitlines():
         m = field.match(line)
         if m:
-            default = m.group(2).replace("field(default_factory=dict)", "{}")
+            default = re.sub(r"field\(default_factory=(?:lambda: )?(.*)\)$", r"\1", m.group(2)).replace("dict", "{}")
             rows.append((m.group(1), default, m.group(3) or ""))
     return rows
 
@@ -68,8 +69,8 @@ def _epilog() -> str:
 def run(args) -> int:
     import json
 
-    from . import UserError
     from ..training import TrainingDiverged, overfit_batch, parse_set_flags, run_config, train
+    from . import UserError
 
     flags = parse_set_flags(args.overrides)
     if args.data is not None:
