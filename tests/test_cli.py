@@ -17,14 +17,6 @@ IMAGE_RUN = ["--data", "digits", "--set", "preset=tiny", "--set", "batch_size=16
              "--set", "mixed_precision=no", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine: see test_training.py
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("digits")

@@ -28,14 +28,6 @@ from diffusion_forge.ema import EMA, ema_decay
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TINY = {"data": "moons", "model": "mlp", "preset": "tiny", "batch_size": 32, "mixed_precision": "no",
         "log_every": 1, "sample_every": 0, "sample_n": 8, "sample_steps": 2, "warmup_steps": 5}
 

@@ -14,9 +14,21 @@ from .losses import (diffusion_loss, min_snr_weight, training_target, variationa
 __version__ = "0.1.0"
 
 
+# Lazily exposed so `import diffusion_forge` stays light: name -> (module, attribute)
+_LAZY = {
+    "sample": ("samplers", "sample"),
+    "build_model": ("models", "build_model"),
+    "load_dataset": ("data", "load_dataset"),
+    "TrainConfig": ("training", "TrainConfig"),
+    "train": ("training", "train"),
+    "load_model_from_run": ("checkpoint", "load_model_from_run"),
+}
+
+
 def __getattr__(name):
-    # Lazily exposed so `import diffusion_forge` stays light; filled in by the modules that own them.
-    if name == "sample":
-        from .samplers import sample
-        return sample
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
     raise AttributeError(f"module 'diffusion_forge' has no attribute {name!r}")
