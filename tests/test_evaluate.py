@@ -295,7 +295,7 @@ def test_inception_architecture_round_trips_its_state_dict(tmp_path):
     assert shapes["Mixed_7c.branch3x3dbl_3b.conv.weight"] == (384, 384, 3, 1)
     assert shapes["fc.weight"] == (1008, 2048)
     assert not any(k.startswith("AuxLogits") for k in state)
-    # torchvision's Inception3 has 27,161,264 parameters with its 1000-class aux head; without the aux head
+    # `torchvision`'s Inception3 has 27,161,264 parameters with its 1000-class aux head; without the aux head
     # and with 1008 classes: 23,850,960; 566 state-dict entries (580 with the aux head's 14)
     assert sum(p.numel() for p in net.parameters()) == 23_850_960 and len(state) == 566
     # random weights written as the user's file would be, loaded back strictly

