@@ -155,10 +155,14 @@ def vlb_term(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, x0_pred: torc
     return torch.where(torch.as_tensor(t) == 0, decoder, kl)
 
 
-def _x0_from_model(model, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, prediction: str,
-                   **cond) -> torch.Tensor:
-    out = model(x_t, t.to(torch.float32), **cond)
-    return to_x0_eps(out.to(F64), prediction, x_t.to(F64), schedule.alpha_bar_at(t))[0]
+def _sampled_term(model, x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, prediction: str,
+                  variance: Variance, generator: torch.Generator | None, **cond) -> torch.Tensor:
+    """The bound's term at t for one draw x_t ~ q(x_t | x_0), with the model's x_0 prediction (nats)."""
+    noise = torch.randn(x0.shape, generator=generator, dtype=F64)
+    x_t = q_sample(x0.to(F64), t, noise, schedule)
+    out = model(x_t.to(x0.dtype), t.to(torch.float32), **cond)
+    x0_pred = to_x0_eps(out.to(F64), prediction, x_t, schedule.alpha_bar_at(t))[0]
+    return vlb_term(x0, x_t, t, x0_pred, schedule, variance)
 
 
 @torch.no_grad()
@@ -176,10 +180,7 @@ def variational_bound(
     total = prior_term(x0, schedule)
     for step in range(schedule.num_timesteps):
         t = torch.full((x0.shape[0],), float(step), dtype=F64)
-        noise = torch.randn(x0.shape, generator=generator, dtype=F64)
-        x_t = q_sample(x0.to(F64), t, noise, schedule)
-        total = total + vlb_term(x0, x_t, t, _x0_from_model(model, x_t.to(x0.dtype), t, schedule, prediction, **cond),
-                                 schedule, variance)
+        total = total + _sampled_term(model, x0, t, schedule, prediction, variance, generator, **cond)
     return total
 
 
@@ -207,10 +208,7 @@ def variational_bound_mc(
     total = prior_term(x0, schedule)
     for lo, hi in stratify_timesteps(T, num_t):
         t = torch.randint(lo, hi, (n,), generator=generator).to(F64)
-        noise = torch.randn(x0.shape, generator=generator, dtype=F64)
-        x_t = q_sample(x0.to(F64), t, noise, schedule)
-        term = vlb_term(x0, x_t, t, _x0_from_model(model, x_t.to(x0.dtype), t, schedule, prediction, **cond),
-                        schedule, variance)
+        term = _sampled_term(model, x0, t, schedule, prediction, variance, generator, **cond)
         total = total + (hi - lo) * term
     return total
 
