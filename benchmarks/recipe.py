@@ -28,7 +28,7 @@ import torch
 
 import diffusion_forge as df
 from diffusion_forge import evaluate
-from diffusion_forge.checkpoint import TrainedModel
+from diffusion_forge.io.checkpoint import TrainedModel
 from diffusion_forge.data import load_dataset, load_mnist, to_uint8
 from diffusion_forge.training import TrainConfig, Trainer, generate
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from diffusion_forge import checkpoint as ck
+from diffusion_forge.io import checkpoint as ck
 from diffusion_forge.ema import EMA
 
 

@@ -93,7 +93,7 @@ def test_sample_writes_png_and_npz(image_run, tmp_path, capsys):
 
 
 def test_same_seed_same_image_whatever_the_batch_size(image_run):
-    from diffusion_forge.checkpoint import load_model_from_run
+    from diffusion_forge.io.checkpoint import load_model_from_run
     from diffusion_forge.training import generate
 
     trained = load_model_from_run(image_run)

@@ -12,7 +12,7 @@ from scipy.stats import norm
 
 from diffusion_forge import NoiseSchedule, evaluate as ev
 from diffusion_forge.data import load_dataset, load_mnist
-from diffusion_forge.losses import prior_term, variational_bound, vlb_term
+from diffusion_forge.core.losses import prior_term, variational_bound, vlb_term
 
 # A small classifier recipe for tests: trains in a few seconds into a temporary cache.
 TINY_RECIPE = {**ev.DIGIT_RECIPE, "epochs": 1, "limit": 2000, "test_limit": 1000, "outliers": 0.0}

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler
 
 import diffusion_forge as df
-from diffusion_forge.losses import (discretized_gaussian_log_likelihood, normal_kl, stratify_timesteps,
+from diffusion_forge.core.losses import (discretized_gaussian_log_likelihood, normal_kl, stratify_timesteps,
                                     training_target)
 from toy import QuantisedGaussian
 

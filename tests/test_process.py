@@ -4,7 +4,7 @@ import torch
 from diffusers import DDPMScheduler
 
 import diffusion_forge as df
-from diffusion_forge.process import posterior_coefficients, q_mean_var
+from diffusion_forge.core.process import posterior_coefficients, q_mean_var
 
 
 @pytest.fixture(params=["linear", "cosine", "scaled_linear"])

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import diffusion_forge as df
-from diffusion_forge.samplers import DEFAULT_SAMPLERS, SAMPLERS, default_sampler, steps_for_budget
+from diffusion_forge.sampling.samplers import DEFAULT_SAMPLERS, SAMPLERS, default_sampler, steps_for_budget
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers vs numpy 2

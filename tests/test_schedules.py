@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import diffusion_forge as df
-from diffusion_forge.schedules import SCHEDULE_NAMES, karras_sigmas, spaced_timesteps
+from diffusion_forge.core.schedules import SCHEDULE_NAMES, karras_sigmas, spaced_timesteps
 
 DIFFUSERS_NAME = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2",
                   "sigmoid": "sigmoid"}

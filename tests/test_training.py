@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from diffusion_forge import training as T
-from diffusion_forge.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from diffusion_forge.io.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from diffusion_forge.ema import EMA, ema_decay
 
 # One thread per process: the models here are tiny, and on a loaded 2-core machine a second OpenMP thread only
@@ -111,7 +111,7 @@ def test_changed_settings_on_resume_are_refused_unless_allowed(tmp_path):
 
 
 def test_a_checkpoint_that_does_not_fit_a_changed_model_is_refused(tmp_path):
-    from diffusion_forge.checkpoint import CheckpointError
+    from diffusion_forge.io.checkpoint import CheckpointError
 
     T.train(tiny(steps=2), tmp_path, progress=False)
     before = (tmp_path / "config.json").read_text()
@@ -190,7 +190,7 @@ def test_trainer_ema_equals_closed_form_and_is_used_for_sampling(tmp_path):
     assert any(not torch.allclose(ema[n].double(), snapshots[0][n]) for n in avg)
     assert any(not torch.allclose(ema[n].double(), snapshots[-1][n]) for n in avg)
     # the checkpoint holds it, and load_model_from_run uses it by default
-    from diffusion_forge.checkpoint import load_model_from_run
+    from diffusion_forge.io.checkpoint import load_model_from_run
     trained = load_model_from_run(tmp_path)
     assert all(torch.equal(v, ema[k]) for k, v in trained.model.state_dict().items())
     raw = load_model_from_run(tmp_path, use_ema=False).model.state_dict()

@@ -7,7 +7,7 @@ import torch
 
 import diffusion_forge as df
 from diffusion_forge import NoiseSchedule, viz
-from diffusion_forge.schedules import SCHEDULE_NAMES
+from diffusion_forge.core.schedules import SCHEDULE_NAMES
 
 
 def _png_ok(path, min_bytes: int = 2000) -> bool:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from diffusion_forge.schedules import NoiseSchedule
+from diffusion_forge.core.schedules import NoiseSchedule
 
 LEVELS = torch.linspace(-1, 1, 256, dtype=torch.float64)  # 8-bit data scaled to [-1, 1]
 
@@ -32,7 +32,7 @@ class QuantisedGaussian:
 
     def denoiser(self, schedule: NoiseSchedule, prediction: str = "sample"):
         """model(x_t, t) returning the exact E[x_0 | x_t] (as x_0, or converted to eps)."""
-        from diffusion_forge.process import from_x0_eps
+        from diffusion_forge.core.process import from_x0_eps
 
         def model(x_t, t):
             ab = schedule.alpha_bar_at(t.double()).reshape(-1, *[1] * (x_t.ndim - 1))

@@ -6,9 +6,9 @@ The public API (stable names; see shared DESIGN.md):
     sched = df.NoiseSchedule.from_name("cosine", num_timesteps=1000)
     x = df.sample(model, sched, shape=(16, 1, 28, 28), sampler="dpmpp_2m", steps=10)
 """
-from .schedules import NoiseSchedule, karras_sigmas, exponential_sigmas, spaced_timesteps, rescale_zero_terminal_snr
-from .process import q_sample, q_step, q_posterior, q_mean_var, convert, to_x0_eps, from_x0_eps, velocity
-from .losses import (diffusion_loss, min_snr_weight, training_target, variational_bound, variational_bound_mc,
+from .core.schedules import NoiseSchedule, karras_sigmas, exponential_sigmas, spaced_timesteps, rescale_zero_terminal_snr
+from .core.process import q_sample, q_step, q_posterior, q_mean_var, convert, to_x0_eps, from_x0_eps, velocity
+from .core.losses import (diffusion_loss, min_snr_weight, training_target, variational_bound, variational_bound_mc,
                      bits_per_dim)
 
 __version__ = "0.1.0"
@@ -16,12 +16,12 @@ __version__ = "0.1.0"
 
 # Lazily exposed so `import diffusion_forge` stays light: name -> (module, attribute)
 _LAZY = {
-    "sample": ("samplers", "sample"),
+    "sample": ("sampling.samplers", "sample"),
     "build_model": ("models", "build_model"),
     "load_dataset": ("data", "load_dataset"),
     "TrainConfig": ("training", "TrainConfig"),
     "train": ("training", "train"),
-    "load_model_from_run": ("checkpoint", "load_model_from_run"),
+    "load_model_from_run": ("io.checkpoint", "load_model_from_run"),
 }
 
 

@@ -211,7 +211,7 @@ _BUNDLED_LOADERS: dict[str, Callable] = {"mnist": _mnist, "digits": _digits, "em
 
 def _cache_path(name: str, produced_by) -> Path | None:
     """``<cache>/<name>-<hash of what produced it>.npz``; None when there is no writable cache."""
-    from .files import cache_dir, content_key
+    from .io.files import cache_dir, content_key
 
     try:
         return cache_dir() / f"{name}-{content_key(produced_by)}.npz"
@@ -220,7 +220,7 @@ def _cache_path(name: str, produced_by) -> Path | None:
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    from .files import atomic_write
+    from .io.files import atomic_write
 
     try:
         atomic_write(path, lambda tmp: np.savez(tmp, **arrays))

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .files import atomic_write, cache_dir, content_key
+from .io.files import atomic_write, cache_dir, content_key
 from .models.feature_nets import EFFNET_FEATURES, EfficientNetLite0, InceptionV3FID
 
 F64 = torch.float64
@@ -586,7 +586,7 @@ def nll_bits_per_dim(model, x0: torch.Tensor, schedule, prediction: str = "epsil
     The 95% interval is mean +- t_{0.975, N-1} * sd / sqrt(N) over the per-image estimates, so it holds
     both the image-to-image spread and the Monte Carlo noise. Returns {"bpd", "ci95" (half-width),
     "low", "high", "n", "num_t", "draws", "per_image"}."""
-    from .losses import bits_per_dim, variational_bound_mc
+    from .core.losses import bits_per_dim, variational_bound_mc
 
     x0 = torch.as_tensor(x0)
     dims = int(np.prod(x0.shape[1:]))

@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import TrainedModel, atomic_write_text, latest_checkpoint, save_checkpoint, write_json
+from .io.checkpoint import TrainedModel, atomic_write_text, latest_checkpoint, save_checkpoint, write_json
 from .ema import EMA
-from .losses import diffusion_loss
-from .process import PREDICTIONS
-from .schedules import SCHEDULE_NAMES, NoiseSchedule
+from .core.losses import diffusion_loss
+from .core.process import PREDICTIONS
+from .core.schedules import SCHEDULE_NAMES, NoiseSchedule
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")

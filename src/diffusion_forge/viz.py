@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import atomic_write
-from .process import q_sample
-from .schedules import SCHEDULE_NAMES, NoiseSchedule
+from .io.files import atomic_write
+from .core.process import q_sample
+from .core.schedules import SCHEDULE_NAMES, NoiseSchedule
 
 
 def _plt():

@@ -27,7 +27,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..checkpoint import load_model_from_run
+    from ..io.checkpoint import load_model_from_run
     from ..data import load_mnist, to_model_range, to_uint8
     from ..training import TrainingDiverged, generate, parse_set_flags, run_config, train
     from ..viz import plot_forward_strip, plot_schedules, save_image_grid

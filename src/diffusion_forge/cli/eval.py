@@ -106,7 +106,7 @@ def run(args) -> int:
     report: dict = {"target": str(target)}
     trained = None
     if target.is_dir():
-        from ..checkpoint import load_model_from_run
+        from ..io.checkpoint import load_model_from_run
         from ..data import TOY_SETS, to_uint8
         from ..training import generate
 
@@ -121,7 +121,7 @@ def run(args) -> int:
             return _toy_report(args, trained, data, x, report)
         images = to_uint8(x)
         if args.save_samples:
-            from ..files import atomic_write
+            from ..io.files import atomic_write
             def write(tmp):
                 with open(tmp, "wb") as f:
                     np.savez(f, images=images)
@@ -218,7 +218,7 @@ def _write_json(path, report) -> None:
     import json
     from pathlib import Path
 
-    from ..files import atomic_write
+    from ..io.files import atomic_write
 
     text = json.dumps(report, indent=2, default=float)
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))

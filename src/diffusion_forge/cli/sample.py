@@ -38,7 +38,7 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-    from ..checkpoint import CheckpointError, load_model_from_run
+    from ..io.checkpoint import CheckpointError, load_model_from_run
     from ..training import generate, save_samples
     from . import UserError
 
@@ -65,7 +65,7 @@ def run(args) -> int:
     images = x.ndim == 4
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".npz":
-        from ..checkpoint import atomic_write_bytes
+        from ..io.checkpoint import atomic_write_bytes
 
         if images:
             from ..data import to_uint8

@@ -65,7 +65,7 @@ def _forward(args) -> int:
     import torch
 
     from ..data import BUNDLED, TOY_SETS, load_dataset
-    from ..schedules import NoiseSchedule
+    from ..core.schedules import NoiseSchedule
     from ..viz import plot_forward_2d, plot_forward_strip
 
     name = str(args.data).lower()
@@ -84,7 +84,7 @@ def _forward(args) -> int:
 
 
 def _load(args):
-    from ..checkpoint import load_model_from_run
+    from ..io.checkpoint import load_model_from_run
 
     return load_model_from_run(args.run, use_ema=not args.no_ema)
 

@@ -7,8 +7,8 @@ from typing import Callable
 
 import torch
 
-from .process import check_prediction
-from .sampling_utils import per_sample_generators
+from ..core.process import check_prediction
+from ..sampling.utils import per_sample_generators
 
 # =============================================================================================
 # Schedulers: run any diffusers scheduler through diffusion_forge.sample(..., scheduler=...)

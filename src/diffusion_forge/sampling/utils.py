@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .process import check_prediction, to_x0_eps
-from .schedules import NoiseSchedule
+from ..core.process import check_prediction, to_x0_eps
+from ..core.schedules import NoiseSchedule
 
 F64 = torch.float64
 

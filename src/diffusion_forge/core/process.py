@@ -1,6 +1,6 @@
 """The forward process and the conversions between what a denoiser may predict.
 
-With alpha_bar_t from a :class:`~diffusion_forge.schedules.NoiseSchedule` (diffusers indexing, the
+With alpha_bar_t from a :class:`~diffusion_forge.core.schedules.NoiseSchedule` (diffusers indexing, the
 clean data x_0 sits before t = 0):
 
     q(x_t | x_0)        = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)               (closed form)

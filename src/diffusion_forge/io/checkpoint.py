@@ -35,9 +35,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 if TYPE_CHECKING:
-    from .schedules import NoiseSchedule
+    from ..core.schedules import NoiseSchedule
 
-FORMAT = "diffusion_forge.checkpoint"
+FORMAT = "diffusion_forge.io.checkpoint"
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TENSOR_FILES = ("model", "ema", "optimizer")
@@ -385,8 +385,8 @@ def load_model_from_run(run_dir: str | os.PathLike, use_ema: bool = True, step: 
                         device: str | torch.device = "cpu") -> TrainedModel:
     """Rebuild the network of a run folder written by ``dforge train`` and load its newest (or
     ``step``'s) weights, the EMA average by default. Returns a :class:`TrainedModel` in eval mode."""
-    from .models import build_model
-    from .schedules import NoiseSchedule
+    from ..models import build_model
+    from ..core.schedules import NoiseSchedule
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

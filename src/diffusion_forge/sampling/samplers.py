@@ -22,9 +22,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .process import check_prediction
-from .sampling_utils import Denoiser, Noise, lagrange_weights, per_sample_generators, start, work_dtype
-from .schedules import NoiseSchedule, SIGMA_GRIDS, SPACINGS
+from ..core.process import check_prediction
+from .utils import Denoiser, Noise, lagrange_weights, per_sample_generators, start, work_dtype
+from ..core.schedules import NoiseSchedule, SIGMA_GRIDS, SPACINGS
 
 __all__ = ["sample", "SAMPLERS", "DEFAULT_SAMPLERS", "default_sampler", "steps_for_budget"]
 
@@ -515,7 +515,7 @@ def sample(model: Callable, schedule: NoiseSchedule, shape, sampler: str | None 
     if scheduler is not None:
         if sampler is not None:
             raise ValueError("pass either sampler= or scheduler=, not both")
-        from .interop import sample_with_scheduler
+        from ..interop.schedulers import sample_with_scheduler
         return sample_with_scheduler(model, scheduler, shape, steps=steps, prediction=prediction,
                                      generator=generator, callback=callback, device=device, dtype=dtype, **cond)
     steps = _check_steps(steps)

@@ -1,0 +1,1 @@
+"""diffusers compatibility at the edges."""

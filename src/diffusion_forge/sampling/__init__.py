@@ -1,0 +1,1 @@
+"""Samplers over a denoiser and a sigma grid."""
