@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io.checkpoint import TrainedModel, atomic_write_text, latest_checkpoint, save_checkpoint, write_json
+from .io.checkpoint import TrainedModel, latest_checkpoint, save_checkpoint
+from .io.files import atomic_write_text, write_json
 from .ema import EMA
 from .core.losses import diffusion_loss
 from .core.process import PREDICTIONS

@@ -65,7 +65,7 @@ def run(args) -> int:
     images = x.ndim == 4
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".npz":
-        from ..io.checkpoint import atomic_write_bytes
+        from ..io.files import atomic_write_bytes
 
         if images:
             from ..data import to_uint8

@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from .files import fsync_dir, fsync_file, write_json
 
 if TYPE_CHECKING:
     from ..core.schedules import NoiseSchedule
 
-FORMAT = "diffusion_forge.io.checkpoint"
+FORMAT = "diffusion_forge.checkpoint"
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TENSOR_FILES = ("model", "ema", "optimizer")
@@ -49,50 +50,6 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers: atomic files, hashes, RNG states as JSON
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on this platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write a file under a temporary name, sync it, and rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
-
-
-def write_json(path: str | os.PathLike, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -208,16 +165,16 @@ def save_checkpoint(
         for name, tensors in files.items():
             path = tmp / f"{name}.safetensors"
             save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-            _fsync_file(path)
+            fsync_file(path)
             state["files"][name] = _sha256(path)
         write_json(tmp / "state.json", state)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         aside = None
         if final.exists():  # saving the same step again: move the old one aside first
             aside = root / f".tmp-old-{step:08d}-{os.getpid()}"
             os.replace(final, aside)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
