@@ -28,9 +28,10 @@ import torch
 
 import diffusion_forge as df
 from diffusion_forge import evaluate
-from diffusion_forge.io.checkpoint import TrainedModel
 from diffusion_forge.data import load_dataset, load_mnist, to_uint8
-from diffusion_forge.training import TrainConfig, Trainer, generate
+from diffusion_forge.denoise.denoiser import Denoiser
+from diffusion_forge.sampling.generate import generate
+from diffusion_forge.training import Trainer, merge_config
 
 COURSE_UNET = {"sample_size": 28, "in_channels": 1, "out_channels": 1, "layers_per_block": 2,
                "block_out_channels": (32, 64, 64),
@@ -38,13 +39,12 @@ COURSE_UNET = {"sample_size": 28, "in_channels": 1, "out_channels": 1, "layers_p
                "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")}
 
 
-def train_ours(out: Path, seconds: float, seed: int) -> tuple[TrainedModel, dict]:
-    cfg = TrainConfig(data="mnist", seed=seed, sample_every=0)
+def train_ours(out: Path, seconds: float, seed: int) -> tuple[Denoiser, dict]:
+    cfg = merge_config(flags={"data.source": "mnist", "run.seed": seed, "run.sample_every": 0})
     trainer = Trainer(cfg, out / "ours", progress=True, max_seconds=seconds)
     summary = trainer.fit()
-    trained = TrainedModel(trainer.ema.module.eval(), trainer.schedule, cfg.prediction, trainer.sample_shape,
-                           cfg.to_dict(), trainer.step)
-    return trained, {"steps": trainer.step, "batch": cfg.batch_size, "train_s": summary["train_seconds"],
+    trained = trainer.ema_denoiser().eval()   # the EMA network, with its schedule and prediction
+    return trained, {"steps": trainer.step, "batch": cfg.optim.batch_size, "train_s": summary["train_seconds"],
                      "precision": trainer.precision}
 
 
@@ -59,7 +59,7 @@ class CourseModel(torch.nn.Module):
         return self.unet(x, t).sample
 
 
-def train_course(seconds: float, seed: int) -> tuple[TrainedModel, dict]:
+def train_course(seconds: float, seed: int) -> tuple[Denoiser, dict]:
     from diffusers import DDPMScheduler, UNet2DModel
     from tqdm.auto import tqdm
 
@@ -84,8 +84,8 @@ def train_course(seconds: float, seed: int) -> tuple[TrainedModel, dict]:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     bar.close()
-    trained = TrainedModel(CourseModel(net).eval(), df.NoiseSchedule.from_diffusers(scheduler.config), "epsilon",
-                           (1, 28, 28), {}, steps)
+    trained = Denoiser(CourseModel(net).eval(), df.NoiseSchedule.from_diffusers(scheduler.config), "epsilon",
+                       sample_shape=(1, 28, 28))
     return trained, {"steps": steps, "batch": 128, "train_s": time.perf_counter() - start, "precision": "no"}
 
 
@@ -95,7 +95,7 @@ def parse_sampler(spec: str) -> tuple[str, dict]:
     return name, {k: float(v) for k, v in (o.split("=") for o in opts.split(",") if o)}
 
 
-def score(trained: TrainedModel, samplers: list[str], n: int, ref_stats, clf) -> dict:
+def score(trained: Denoiser, samplers: list[str], n: int, ref_stats, clf) -> dict:
     """Sample n images at 20 NFE with each sampler; keep the one with the lowest FD."""
     best = None
     for spec in samplers:

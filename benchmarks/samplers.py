@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import diffusion_forge as df  # noqa: E402
 from diffusion_forge.evaluate import frechet_distance_features  # noqa: E402
-from diffusion_forge.sampling.samplers import SAMPLERS  # noqa: E402
+from diffusion_forge.sampling.registry import SAMPLERS  # noqa: E402
 
 BUDGETS = (5, 10, 20, 50)
 DIM, COMPONENTS = 8, 8

@@ -87,7 +87,11 @@ def test_sample_writes_png_and_npz(image_run, tmp_path, capsys):
     assert main(["sample", str(image_run), "--n", "6", "--steps", "3", "--out", str(tmp_path / "g.png")]) == 0
     from PIL import Image
     assert Image.open(tmp_path / "g.png").size[0] > 8
-    assert main(["sample", str(image_run), "--out", str(tmp_path / "x.jpg")]) == 2
+    # one rule for pictures (io.files.IMAGE_SUFFIXES): a grid may be .png or .jpg; other suffixes are refused
+    assert main(["sample", str(image_run), "--n", "4", "--steps", "2", "--out", str(tmp_path / "x.jpg")]) == 0
+    assert Image.open(tmp_path / "x.jpg").format == "JPEG"
+    assert main(["sample", str(image_run), "--out", str(tmp_path / "x.gif")]) == 2
+    assert ".png, .jpg" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")]) == 2
     assert "no run folder" in capsys.readouterr().err
 

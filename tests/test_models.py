@@ -211,3 +211,23 @@ def test_mlp_takes_any_shape_and_checks_its_size():
 def test_presets_cover_every_type():
     assert set(PRESETS) == {"unet", "mlp", "diffusers_unet"}
     assert isinstance(build_model({"preset": "tiny"}), UNet)
+
+
+def test_a_size_that_does_not_fit_speaks_of_image_size_and_suggests_one():
+    """The user's key is data.image_size: the error names it and the sizes that fit."""
+    with pytest.raises(ValueError, match=r"image_size 1 \(the U-Net's sample_size\) must be divisible by 2 for its "
+                                         r"2 levels; use data.image_size=2 or more"):
+        build_model({"preset": "tiny", "sample_size": 1})
+    with pytest.raises(ValueError, match=r"image_size 30 .* divisible by 4 .* data.image_size=28 or 32"):
+        build_model({"preset": "small", "sample_size": 30})
+
+
+@pytest.mark.parametrize("config", [{"preset": "tiny", "sample_size": 8}, {"type": "mlp", "preset": "tiny", "dim": 4}])
+def test_the_null_class_is_one_more_embedding(config):
+    """A class-conditional network for K classes has K + 1 embeddings; id K (the null class) is accepted."""
+    model = build_model({**config, "num_class_embeds": 3 + 1})
+    assert model.class_embedding.num_embeddings == 4
+    x = torch.randn(2, 1, 8, 8) if "sample_size" in config else torch.randn(2, 4)
+    with torch.no_grad():
+        out = model(x, torch.tensor([5.0, 5.0]), class_labels=torch.tensor([0, 3]))
+    assert out.shape == x.shape

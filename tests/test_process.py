@@ -105,3 +105,29 @@ def test_shape_and_range_errors():
         df.q_step(torch.zeros(2, 3), 100, torch.zeros(2, 3), s)
     with pytest.raises(ValueError, match="epsilon, sample, v_prediction"):
         df.convert(torch.zeros(2), "x0", "epsilon", torch.zeros(2), 0.5)
+
+
+def test_coefficients_are_computed_in_float64_and_cast_once():
+    """sqrt(1 - alpha_bar) at the cosine schedule's t = 0 (alpha_bar = 0.99996): 1 - alpha_bar taken in float32
+    cancels (2.6e-4 relative error); taken in float64 and cast once it is float32-exact (< 1e-6)."""
+    sched = df.NoiseSchedule.from_name("cosine", 1000)
+    exact = (1 - sched.alphas_cumprod[0]).sqrt()
+    ones, zeros = torch.ones(2, 3), torch.zeros(2, 3)
+    s = df.q_sample(zeros, torch.tensor([0, 0]), ones, sched)                     # = sqrt(1 - ab) * 1
+    assert s.dtype == torch.float32 and ((s.double() - exact).abs() / exact).max() < 1e-6
+    a = df.velocity(ones, zeros, sched.alphas_cumprod[[0, 0]].float())           # -sqrt(1 - ab) from float32 ab
+    assert ((a.double() + exact).abs() / exact).max() > 1e-5                     # what a float32 ab costs
+    v = df.velocity(ones, zeros, sched.alphas_cumprod[[0, 0]])                   # float64 ab: cast once
+    assert ((v.double() + exact).abs() / exact).max() < 1e-6
+    x0, eps = df.to_x0_eps(torch.zeros(2, 3), "v_prediction", ones, sched.alphas_cumprod[[0, 0]])
+    assert ((eps.double() - exact).abs() / exact).max() < 1e-6                    # eps = s x_t + a v
+
+
+def test_one_refusal_of_epsilon_at_snr_zero():
+    from diffusion_forge.core.process import check_prediction_at_snr0
+    assert check_prediction_at_snr0("epsilon", False) == "epsilon"
+    assert [check_prediction_at_snr0(p, True) for p in ("v_prediction", "sample")] == ["v_prediction", "sample"]
+    with pytest.raises(ValueError, match="zero-terminal-SNR.*zero_terminal_snr needs prediction='v_prediction'.*hint"):
+        check_prediction_at_snr0("epsilon", True, "; hint")
+    with pytest.raises(ValueError, match="epsilon, sample, v_prediction"):
+        check_prediction_at_snr0("eps", False)

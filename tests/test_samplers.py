@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import diffusion_forge as df
-from diffusion_forge.sampling.samplers import DEFAULT_SAMPLERS, SAMPLERS, default_sampler, steps_for_budget
+from diffusion_forge.sampling.generate import generate
+from diffusion_forge.sampling.registry import DEFAULT_SAMPLERS, SAMPLERS, default_sampler, resolve_sampler, steps_for_budget
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers vs numpy 2
@@ -355,3 +356,61 @@ def test_ipndm_free_ends_are_exact_where_their_assumptions_hold():
                   spacing="linspace", sampler_options=FREE, generator=gen(0)).double()
     assert len(calls) == SAMPLERS["ipndm"].nfe(20, afs=False, free_last_step=True) == 19
     assert abs(x.mean() - model.mu) < 0.03 and abs(x.std() - model.s) < 0.03
+
+
+# ---------------------------------------------------------------------------------------------
+# The one rule that picks a sampler, and the one seeded, batched generation loop
+
+def test_resolve_sampler_is_the_one_rule():
+    assert resolve_sampler(None, 10, None) == ("ipndm", 10, {"afs": False, "free_last_step": False})
+    assert resolve_sampler(None, 12, {"afs": True}) == ("ipndm", 13, {"afs": True, "free_last_step": False})
+    assert resolve_sampler("heun", 5, {"euler_start": False, "s_noise": None}) == ("heun", 5, {"euler_start": False})
+    assert resolve_sampler("euler_ancestral", 3, {"eta": 1.8})[2] == {"eta": 1.8, "s_noise": 1.0}
+    with pytest.raises(ValueError, match="sampler 'dpmpp_2m' takes no option 'eta'; its options: none"):
+        resolve_sampler("dpmpp_2m", 5, {"eta": 1.0})
+    with pytest.raises(ValueError, match=r"no option 'order'; its options: afs \(default False\), free_last_step"):
+        resolve_sampler(None, 10, {"order": 3})
+    with pytest.raises(ValueError, match=r"option order=2.5 of 'lms' must be an int \(default 4\)"):
+        resolve_sampler("lms", 10, {"order": 2.5})
+    with pytest.raises(ValueError, match="option eta='1' of 'ddim' must be a float"):
+        df.sample(PointMass(SMALL), SMALL, (2, 2), sampler="ddim", steps=3, eta="1")
+    assert resolve_sampler("ddim", 3, {"eta": 1})[2]["eta"] == 1
+    with pytest.raises(ValueError, match="unknown sampler 'dpm\\+\\+'; choose one of: ddpm, ddim, euler"):
+        resolve_sampler("dpm++", 5, None)
+
+
+def test_generate_seeds_sample_i_with_seed_plus_i_whatever_the_batch():
+    model = Mixture(SMALL)
+    D = df.Denoiser(model, SMALL, sample_shape=(3,))
+    kw = dict(sampler="euler_ancestral", steps=6, sampler_options={"eta": 1.5})
+    a = generate(D, 5, seed=7, batch_size=5, **kw)
+    b = generate(D, 5, seed=7, batch_size=2, **kw)
+    c = generate(D, 2, seed=10, batch_size=1, **kw)
+    assert a.dtype == torch.float32 and a.device.type == "cpu" and a.shape == (5, 3)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(c, a[3:], atol=1e-5, rtol=0)
+    one = df.sample(model, SMALL, (1, 3), generator=[gen(9)], **kw)
+    torch.testing.assert_close(a[2:3], one, atol=1e-5, rtol=0)
+    # the default sampler by budget, as df.sample picks it
+    torch.testing.assert_close(generate(D, 2, seed=3, steps=10), df.sample(D, shape=(2, 3), steps=10,
+                                                                         generator=[gen(3), gen(4)]))
+
+
+def test_generate_slices_cond_per_batch_and_shows_progress(capsys):
+    seen = []
+
+    def net(x_t, t, class_labels):
+        seen.append(class_labels.tolist())
+        return 0.1 * x_t + 0.01 * class_labels[:, None]
+    D = df.Denoiser(net, SMALL)
+    D.train()
+    x = generate(D, 5, sampler="euler", steps=2, cond={"class_labels": torch.arange(5)}, batch_size=2,
+                 sample_shape=(2,), progress=True)
+    assert x.shape == (5, 2) and seen == [[0, 1], [0, 1], [2, 3], [2, 3], [4], [4]] and D.training
+    assert "sampling:" in capsys.readouterr().err           # a tqdm bar over the 5 samples
+    generate(D, 1, sampler="euler", steps=2, cond={"class_labels": torch.arange(1)}, sample_shape=(2,))
+    assert capsys.readouterr().err == ""                       # no bar unless asked
+    with pytest.raises(ValueError, match=r"cond\['class_labels'\] must hold one value per sample \(length 5\)"):
+        generate(D, 5, sampler="euler", steps=2, cond={"class_labels": torch.arange(4)}, sample_shape=(2,))
+    with pytest.raises(ValueError, match="pass sample_shape="):
+        generate(D, 5, sampler="euler", steps=2)

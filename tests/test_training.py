@@ -20,7 +20,9 @@ import torch
 
 from diffusion_forge import training as T
 from diffusion_forge.io.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from diffusion_forge.ema import EMA, ema_decay
+from diffusion_forge.training.ema import EMA, ema_decay
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 # One thread per process: the models here are tiny, and on a loaded 2-core machine a second OpenMP thread only
 # waits for the first (10-100x slower). Subprocesses get the same through OMP_NUM_THREADS, so the
@@ -28,16 +30,17 @@ from diffusion_forge.ema import EMA, ema_decay
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-TINY = {"data": "moons", "model": "mlp", "preset": "tiny", "batch_size": 32, "mixed_precision": "no",
-        "log_every": 1, "sample_every": 0, "sample_n": 8, "sample_steps": 2, "warmup_steps": 5}
+TINY = {"data.source": "moons", "model.type": "mlp", "model.preset": "tiny", "optim.batch_size": 32,
+        "run.mixed_precision": "no", "run.log_every": 1, "run.sample_every": 0, "sample.n": 8, "sample.steps": 2,
+        "optim.warmup_steps": 5}
 
 
-def tiny(**overrides) -> T.TrainConfig:
-    return T.merge_config(flags={**TINY, **overrides})
+def tiny(overrides: dict | None = None) -> T.TrainConfig:
+    return T.merge_config(flags={**TINY, **(overrides or {})})
 
 
-def cli_flags(**overrides) -> list[str]:
-    return [f"--set={k}={v}" for k, v in {**TINY, **overrides}.items()]
+def cli_flags(overrides: dict | None = None) -> list[str]:
+    return [f"--set={k}={v}" for k, v in {**TINY, **(overrides or {})}.items()]
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -67,13 +70,16 @@ def wait_for_step(run_dir: Path, proc: subprocess.Popen, beyond: int, timeout: f
 # Config
 
 def test_config_merge_order_and_types(tmp_path):
-    (tmp_path / "run.yaml").write_text("lr: 1.0e-3\nsteps: 50\nmin_snr_gamma: null\nmodel_options: {hidden: 32}\n")
-    cfg = T.merge_config(None, tmp_path / "run.yaml", {"steps": "70", "flip": "true", "ema_decay": "0.99"})
-    assert (cfg.lr, cfg.steps, cfg.min_snr_gamma, cfg.flip, cfg.ema_decay) == (1e-3, 70, None, True, 0.99)
-    assert cfg.model_options == {"hidden": 32} and cfg.batch_size == T.TrainConfig().batch_size
-    assert T.merge_config(flags=T.parse_set_flags(["lr=2e-4", "min_snr_gamma=none", "seed=3"])).lr == 2e-4
-    (tmp_path / "run.json").write_text(json.dumps({"prediction": "epsilon"}))
-    assert T.merge_config(None, tmp_path / "run.json").prediction == "epsilon"
+    (tmp_path / "run.yaml").write_text("optim: {lr: 1.0e-3, steps: 50}\ndiffusion: {min_snr_gamma: null}\n"
+                                       "model: {options: {hidden: 32}}\n")
+    cfg = T.merge_config(None, tmp_path / "run.yaml", {"optim.steps": "70", "data.flip": "true", "ema.decay": "0.99"})
+    assert (cfg.optim.lr, cfg.optim.steps, cfg.diffusion.min_snr_gamma, cfg.data.flip, cfg.ema.decay) == \
+        (1e-3, 70, None, True, 0.99)
+    assert cfg.model.options == {"hidden": 32} and cfg.optim.batch_size == T.TrainConfig().optim.batch_size
+    flags = T.parse_set_flags(["optim.lr=2e-4", "diffusion.min_snr_gamma=none", "run.seed=3"])
+    assert T.merge_config(flags=flags).optim.lr == 2e-4
+    (tmp_path / "run.json").write_text(json.dumps({"diffusion": {"prediction": "epsilon"}}))
+    assert T.merge_config(None, tmp_path / "run.json").diffusion.prediction == "epsilon"
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -98,14 +104,14 @@ def test_unknown_key_in_config_file(tmp_path):
 
 
 def test_changed_settings_on_resume_are_refused_unless_allowed(tmp_path):
-    T.train(tiny(steps=2), tmp_path, progress=False)
-    cfg, changes = T.run_config(tmp_path, None, {k: str(v) for k, v in {**TINY, "steps": 2}.items()})
-    assert changes == {} and cfg.steps == 2
-    refused = r"other settings \(steps: 2 -> 4, lr: 0.002 -> 0.01\).*--allow-changes"
+    T.train(tiny({"optim.steps": 2}), tmp_path, progress=False)
+    cfg, changes = T.run_config(tmp_path, None, {k: str(v) for k, v in {**TINY, "optim.steps": 2}.items()})
+    assert changes == {} and cfg.optim.steps == 2
+    refused = r"other settings \(optim.steps: 2 -> 4, optim.lr: 0.002 -> 0.01\).*--allow-changes"
     with pytest.raises(T.ChangedSettings, match=refused):
-        T.run_config(tmp_path, None, {"steps": "4", "lr": "0.01"})
-    cfg, changes = T.run_config(tmp_path, None, {"steps": "4"}, allow_changes=True)
-    assert changes == {"steps": (2, 4)}
+        T.run_config(tmp_path, None, {"optim.steps": "4", "optim.lr": "0.01"})
+    cfg, changes = T.run_config(tmp_path, None, {"optim.steps": "4"}, allow_changes=True)
+    assert changes == {"optim.steps": (2, 4)}
     summary = T.train(cfg, tmp_path, progress=False)
     assert (summary["start_step"], summary["step"]) == (2, 4)
 
@@ -113,10 +119,10 @@ def test_changed_settings_on_resume_are_refused_unless_allowed(tmp_path):
 def test_a_checkpoint_that_does_not_fit_a_changed_model_is_refused(tmp_path):
     from diffusion_forge.io.checkpoint import CheckpointError
 
-    T.train(tiny(steps=2), tmp_path, progress=False)
+    T.train(tiny({"optim.steps": 2}), tmp_path, progress=False)
     before = (tmp_path / "config.json").read_text()
     with pytest.raises(CheckpointError, match="does not fit this model"):
-        T.train(tiny(steps=4, preset="small"), tmp_path, progress=False)
+        T.train(tiny({"optim.steps": 4, "model.preset": "small"}), tmp_path, progress=False)
     assert (tmp_path / "config.json").read_text() == before
 
 
@@ -136,9 +142,10 @@ def test_batches_cover_each_epoch_once_and_are_reproducible():
 
 
 def test_learning_rate_warmup_then_constant_or_cosine():
-    c = tiny(lr=1.0, warmup_steps=10, steps=110, lr_schedule="constant")
+    c = tiny({"optim.lr": 1.0, "optim.warmup_steps": 10, "optim.steps": 110, "optim.lr_schedule": "constant"})
     assert [T.learning_rate(s, c) for s in (0, 4, 9, 10, 109)] == [0.1, 0.5, 1.0, 1.0, 1.0]
-    c = tiny(lr=1.0, warmup_steps=10, steps=110, lr_schedule="cosine", min_lr=0.1)
+    c = tiny({"optim.lr": 1.0, "optim.warmup_steps": 10, "optim.steps": 110, "optim.lr_schedule": "cosine",
+              "optim.min_lr": 0.1})
     assert T.learning_rate(10, c) == pytest.approx(1.0)
     assert T.learning_rate(60, c) == pytest.approx(0.55)
     assert T.learning_rate(110, c) == pytest.approx(0.1)
@@ -169,7 +176,7 @@ def test_ema_equals_closed_form_recursion_unit():
 
 
 def test_trainer_ema_equals_closed_form_and_is_used_for_sampling(tmp_path):
-    trainer = T.Trainer(tiny(steps=40, ema_decay=0.75), tmp_path, progress=False)
+    trainer = T.Trainer(tiny({"optim.steps": 40, "ema.decay": 0.75}), tmp_path, progress=False)
     snapshots = [{k: v.double().clone() for k, v in trainer.unwrapped.state_dict().items()}]
     step = trainer.train_step
 
@@ -201,21 +208,21 @@ def test_trainer_ema_equals_closed_form_and_is_used_for_sampling(tmp_path):
 # Run folder, resume after SIGKILL, Ctrl-C, NaN
 
 def test_run_folder_layout(tmp_path):
-    summary = T.train(tiny(steps=6, checkpoint_every=2, keep_checkpoints=2, sample_every=3), tmp_path,
-                      progress=False)
+    layout = {"optim.steps": 6, "run.checkpoint_every": 2, "run.keep_checkpoints": 2, "run.sample_every": 3}
+    summary = T.train(tiny(layout), tmp_path, progress=False)
     assert summary["step"] == 6 and not summary["interrupted"]
-    assert json.loads((tmp_path / "config.json").read_text()) == tiny(steps=6, checkpoint_every=2, keep_checkpoints=2,
-                                                                      sample_every=3).to_dict()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved == tiny(layout).to_dict() and saved["format_version"] == 2 and saved["optim"]["steps"] == 6
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000004", "step-00000006"]
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-00000003.png", "step-00000006.png"]
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
-    again = T.train(tiny(steps=6, checkpoint_every=2, keep_checkpoints=2, sample_every=3), tmp_path, progress=False)
+    again = T.train(tiny(layout), tmp_path, progress=False)
     assert (again["start_step"], again["step"]) == (6, 6)          # a finished run is left as it is
 
 
 def test_eval_every_writes_quality_metrics(tmp_path):
-    T.train(tiny(steps=4, eval_every=2, eval_n=64), tmp_path, progress=False)
+    T.train(tiny({"optim.steps": 4, "run.eval_every": 2, "run.eval_n": 64}), tmp_path, progress=False)
     evals = [r for r in T.read_metrics(tmp_path) if "eval_seconds" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert all(any(k.startswith("FD-xy@") for k in r) for r in evals)
@@ -223,7 +230,8 @@ def test_eval_every_writes_quality_metrics(tmp_path):
 
 def test_sigkill_three_times_then_resume_gives_bit_identical_losses(tmp_path):
     steps = 60
-    flags = ["train", "--no-progress", *cli_flags(steps=steps, checkpoint_every=3, keep_checkpoints=2)]
+    flags = ["train", "--no-progress",
+             *cli_flags({"optim.steps": steps, "run.checkpoint_every": 3, "run.keep_checkpoints": 2})]
     reference = run_cli([*flags, "--out", str(tmp_path / "ref")])
     rng = random.Random(int(os.environ.get("DFORGE_TEST_SEED", "0")))
     targets = sorted(rng.sample(range(5, steps - 5), 3))   # random moments: after these steps, plus a random delay
@@ -253,8 +261,35 @@ def test_sigkill_three_times_then_resume_gives_bit_identical_losses(tmp_path):
         assert all(torch.equal(a.tensors(name)[k], b.tensors(name)[k]) for k in a.tensors(name))
 
 
+def test_a_format_version_1_run_folder_resumes_with_the_old_losses(tmp_path):
+    """tests/fixtures/run_v1: made by the first release (flat config.json), killed after step 9 of 12."""
+    import shutil
+
+    run = tmp_path / "run_v1"
+    shutil.copytree(FIXTURES / "run_v1", run)
+    old = {int(k): v for k, v in json.loads((FIXTURES / "run_v1_losses.json").read_text()).items()}
+    assert "format_version" not in json.loads((run / "config.json").read_text())     # flat, version 1
+    torch.set_num_threads(2)                                # as the fixture was made (conftest restores it)
+    cfg, changes = T.run_config(run, None, {})
+    assert changes == {} and (cfg.data.source, cfg.model.type, cfg.optim.steps) == ("moons", "mlp", 12)
+    # a flat flag and its dotted name compare equal to the flat saved value: no change, nothing refused
+    assert T.run_config(run, None, {"lr": "0.002", "optim.batch_size": "16"})[1] == {}
+    summary = T.train(cfg, run, progress=False)
+    assert (summary["start_step"], summary["step"]) == (9, 12)
+    new = losses(run)
+    assert sorted(new) == list(range(1, 13))
+    for step in (10, 11, 12):
+        assert new[step] == pytest.approx(old[step], rel=1e-6, abs=0), step
+    assert all(new[s] == old[s] for s in range(1, 10))      # the old log lines are kept as they were
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["format_version"] == 2 and saved["data"]["source"] == "moons"
+    assert load_checkpoint(run).config == saved             # the new checkpoint holds the nested config
+    assert T.run_config(run, None, {})[1] == {}             # and the rewritten run resumes without changes
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    proc = run_cli(["train", "--no-progress", "--out", str(tmp_path), *cli_flags(steps=100000, checkpoint_every=1000)])
+    proc = run_cli(["train", "--no-progress", "--out", str(tmp_path),
+                    *cli_flags({"optim.steps": 100000, "run.checkpoint_every": 1000})])
     wait_for_step(tmp_path, proc, beyond=3)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
@@ -262,15 +297,15 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "Traceback" not in out
     step = int(out.split("interrupted at step ")[1].split(":")[0])
     assert latest_checkpoint(tmp_path).step == step == max(losses(tmp_path))
-    summary = T.train(tiny(steps=step + 2, checkpoint_every=1000), tmp_path, progress=False)
+    summary = T.train(tiny({"optim.steps": step + 2, "run.checkpoint_every": 1000}), tmp_path, progress=False)
     assert summary["start_step"] == step
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
-    T.train(tiny(steps=4, checkpoint_every=2), tmp_path, progress=False)
+    T.train(tiny({"optim.steps": 4, "run.checkpoint_every": 2}), tmp_path, progress=False)
     good = load_checkpoint(tmp_path)
     before = {k: v.clone() for k, v in good.tensors("model").items()}
-    explode = tiny(steps=20, checkpoint_every=2, lr=1e30, warmup_steps=0)
+    explode = tiny({"optim.steps": 20, "run.checkpoint_every": 2, "optim.lr": 1e30, "optim.warmup_steps": 0})
     with pytest.raises(T.TrainingDiverged, match=r"the loss is (nan|inf) at step \d+; stopped without saving "
                                                  r"\(the last good checkpoint, .*step-00000004, is intact\)"):
         T.train(explode, tmp_path, progress=False)
@@ -290,14 +325,14 @@ def _free_port() -> int:
 def test_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path):
     """batch_size is the global batch: 2 processes x 16 must match 1 process x 32 (up to summation order),
     and both processes must hold the same weights and EMA (checked by digest at every checkpoint)."""
-    cfg = {"steps": 12, "checkpoint_every": 6, "batch_size": 32}
+    cfg = {"optim.steps": 12, "run.checkpoint_every": 6, "optim.batch_size": 32}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                           "-m", "diffusion_forge", "train", "--no-progress", "--out", str(tmp_path / "two"),
-                          *cli_flags(**cfg)], capture_output=True, text=True, env=ONE_THREAD, timeout=150, check=False)
+                          *cli_flags(cfg)], capture_output=True, text=True, env=ONE_THREAD, timeout=150, check=False)
     assert two.returncode == 0, two.stdout + two.stderr
     assert "2 process(es)" in two.stdout
-    T.train(tiny(**cfg), tmp_path / "one", progress=False)
+    T.train(tiny(cfg), tmp_path / "one", progress=False)
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(l1) == sorted(l2) == list(range(1, 13))
     for s in l1:
@@ -311,8 +346,8 @@ def test_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path):
 
 
 def test_gradient_accumulation_matches_the_whole_batch(tmp_path):
-    T.train(tiny(steps=5), tmp_path / "one", progress=False)
-    T.train(tiny(steps=5, grad_accum=4), tmp_path / "acc", progress=False)
+    T.train(tiny({"optim.steps": 5}), tmp_path / "one", progress=False)
+    T.train(tiny({"optim.steps": 5, "optim.grad_accum": 4}), tmp_path / "acc", progress=False)
     l1, l4 = losses(tmp_path / "one"), losses(tmp_path / "acc")
     assert all(l4[s] == pytest.approx(l1[s], rel=1e-5) for s in l1)
     a, b = load_checkpoint(tmp_path / "one").tensors("model"), load_checkpoint(tmp_path / "acc").tensors("model")
@@ -323,13 +358,14 @@ def test_gradient_accumulation_matches_the_whole_batch(tmp_path):
 # Mixed precision and the one-batch sanity check
 
 def test_fp16_loss_scaler_path_on_cpu(tmp_path):
-    T.train(tiny(steps=6, mixed_precision="fp16", checkpoint_every=3), tmp_path, progress=False)
+    fp16 = {"run.mixed_precision": "fp16", "run.checkpoint_every": 3}
+    T.train(tiny({"optim.steps": 6, **fp16}), tmp_path, progress=False)
     records = T.read_metrics(tmp_path)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert all("loss_scale" in r for r in records)
     ckpt = load_checkpoint(tmp_path)
     assert ckpt.state["scaler"]["scale"] == records[-1]["loss_scale"]
-    trainer = T.Trainer(tiny(steps=8, mixed_precision="fp16", checkpoint_every=3), tmp_path, progress=False)
+    trainer = T.Trainer(tiny({"optim.steps": 8, **fp16}), tmp_path, progress=False)
     assert trainer.resume() and trainer.scaler.get_scale() == records[-1]["loss_scale"]
     # an overflowing gradient is skipped and the scale lowered, not applied
     before = {k: v.clone() for k, v in trainer.unwrapped.state_dict().items()}
@@ -340,13 +376,13 @@ def test_fp16_loss_scaler_path_on_cpu(tmp_path):
 
 
 def test_bf16_autocast_trains(tmp_path):
-    summary = T.train(tiny(steps=3, mixed_precision="bf16"), tmp_path, progress=False)
+    summary = T.train(tiny({"optim.steps": 3, "run.mixed_precision": "bf16"}), tmp_path, progress=False)
     assert summary["precision"] == "bf16" and all(r["loss"] < 10 for r in T.read_metrics(tmp_path))
 
 
 def test_overfit_batch_verdicts():
-    good = T.overfit_batch(tiny(lr=3e-3), steps=100, progress=False)
+    good = T.overfit_batch(tiny({"optim.lr": 3e-3}), steps=100, progress=False)
     assert good["passed"] and good["verdict"].startswith("PASS") and good["final"] < good["threshold"]
     assert f"{T.OVERFIT_RATIO:g} x initial" in good["verdict"]
-    bad = T.overfit_batch(tiny(lr=1e-7), steps=30, progress=False)
+    bad = T.overfit_batch(tiny({"optim.lr": 1e-7}), steps=30, progress=False)
     assert not bad["passed"] and bad["verdict"].startswith("FAIL") and "lr=1e-07" in bad["verdict"]

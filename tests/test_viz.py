@@ -137,9 +137,11 @@ def toy_run(tmp_path_factory):
     from diffusion_forge.training import TrainConfig, train
 
     run = tmp_path_factory.mktemp("runs") / "moons"
-    train(TrainConfig(data="moons", model="mlp", preset="tiny", mixed_precision="no", steps=20, batch_size=64,
-                      checkpoint_every=20, sample_every=0,
-                      sample_n=16, log_every=10), run, progress=False)
+    cfg = TrainConfig.from_dict({"data": {"source": "moons"}, "model": {"type": "mlp", "preset": "tiny"},
+                                 "optim": {"steps": 20, "batch_size": 64}, "sample": {"n": 16},
+                                 "run": {"mixed_precision": "no", "checkpoint_every": 20, "sample_every": 0,
+                                         "log_every": 10}})
+    train(cfg, run, progress=False)
     return run
 
 
@@ -154,3 +156,88 @@ def test_cli_viz_and_eval_on_a_run(tmp_path, toy_run, capsys):
     assert main(["eval", str(toy_run), "--n", "200", "--steps", "4", "--json", str(tmp_path / "e.json")]) == 0
     out = capsys.readouterr().out
     assert "FD-xy@200" in out and "precision-xy@200" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples as pictures, by the kind of data; the one rule for picture files
+
+def test_record_trajectory_and_sampler_grid_take_a_denoiser(tmp_path, monkeypatch):
+    """A Denoiser (what a run loads as) gives the same pictures' data as the network with its schedule; a bad
+    sampler name fails before any sampling."""
+    from diffusion_forge.denoise import Denoiser
+    import diffusion_forge.sampling.generate as gen_module
+
+    sched = NoiseSchedule.from_name("cosine", 1000)
+    model = gaussian_denoiser(sched)
+    D = Denoiser(model, sched, "sample", sample_shape=(1, 8, 8))
+    old = viz.record_trajectory(model, sched, (2, 1, 8, 8), sampler="euler", steps=4, prediction="sample", seed=1)
+    new = viz.record_trajectory(D, sampler="euler", steps=4, seed=1, n=2)
+    assert torch.equal(old["final"], new["final"]) and len(new["x_t"]) == len(old["x_t"]) == 4
+    assert all(torch.equal(a, b) for a, b in zip(old["x0"], new["x0"]))
+    grid = viz.sampler_grid(D, samplers=("euler",), steps=(4,), seed=1, n=2)
+    assert torch.equal(grid[("euler", 4)], new["final"]) and grid[("euler", 4)].shape == (2, 1, 8, 8)
+    auto = viz.record_trajectory(D, steps=5, n=1)                     # sampler None: the rule picks one
+    from diffusion_forge.sampling.registry import resolve_sampler
+    assert (auto["sampler"], auto["steps"]) == resolve_sampler(None, 5)[:2]
+    calls = []
+    monkeypatch.setattr(gen_module, "generate", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match="unknown sampler 'nope'"):
+        viz.sampler_grid(D, samplers=("euler", "nope"), steps=(2,), n=1)
+    assert calls == []
+
+
+def test_save_samples_of_images_is_a_titled_enlarged_grid_or_the_raw_one(tmp_path):
+    from PIL import Image
+
+    from diffusion_forge.data import to_uint8
+
+    x = torch.linspace(-1, 1, 16 * 28 * 28).reshape(16, 1, 28, 28)
+    raw = viz.save_samples(x, tmp_path / "raw.png", raw=True)
+    plain = viz.save_image_grid(to_uint8(x), tmp_path / "plain.png")
+    assert raw.read_bytes() == plain.read_bytes()                     # raw=True: today's plain tile grid
+    assert Image.open(raw).size == (4 * 30 + 2, 4 * 30 + 2)           # 4 x 4 tiles of 28 px, 2 px apart
+    titled = viz.save_samples(x, tmp_path / "t.png", title="moons, step 1000")
+    width, height = Image.open(titled).size
+    assert width >= 4 * 64 and height >= 4 * 64                       # tiles enlarged to >= 64 px each
+    assert height > width * 0.95                                      # and a band above them for the title
+    jpg = viz.save_samples(x, tmp_path / "t.jpg", title="a title")
+    assert jpg.read_bytes()[:3] == b"\xff\xd8\xff"                    # a real JPEG, not a PNG named .jpg
+    assert viz.save_image_grid(to_uint8(x), tmp_path / "r.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+    with pytest.raises(ValueError, match=r"\.png, \.jpg"):
+        viz.save_samples(x, tmp_path / "t.svg")                       # grids: .png and .jpg only
+    assert viz.sample_suffixes((1, 28, 28)) == (".png", ".jpg", ".jpeg")
+    assert ".svg" in viz.sample_suffixes((2,)) and ".svg" in viz.sample_suffixes((2, 64))
+    assert not (tmp_path / "t.svg").exists()
+
+
+def test_save_samples_of_vectors_and_signals_are_plots(tmp_path):
+    pts = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    assert _png_ok(viz.save_samples(pts, tmp_path / "p.png", title="moons"))
+    np.testing.assert_array_equal(viz.plot_points(tmp_path / "p2.png", pts)["points"], pts.numpy())
+    assert viz.save_samples(pts, tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
+    sig = torch.sin(torch.linspace(0, 6, 50))[None, None] * torch.linspace(0.2, 1, 5)[:, None, None]
+    sig = torch.cat([sig, -sig], 1)                                   # 5 signals, 2 channels, length 50
+    assert _png_ok(viz.save_samples(sig, tmp_path / "s.png", title="signals, step 10"))
+    drawn = viz.plot_signals(tmp_path / "s2.png", sig, max_panels=3)
+    assert drawn["shown"] == [0, 1, 2] and np.array_equal(drawn["lines"], sig[:3].numpy())
+    with pytest.raises(ValueError, match="raw=True"):
+        viz.save_samples(sig, tmp_path / "r.png", raw=True)
+    with pytest.raises(ValueError, match=r"\.svg"):
+        viz.save_samples(pts, tmp_path / "p.gif")                     # plots: .png, .jpg, .svg
+    with pytest.raises(ValueError, match="vectors"):
+        viz.save_samples(torch.zeros(2, 1, 1, 4, 4), tmp_path / "x.png")
+
+
+def test_forward_strip_and_trajectory_of_a_signal(tmp_path):
+    signal = torch.sin(torch.linspace(0, 6, 64)).reshape(1, 64)
+    out = viz.plot_forward_strip(tmp_path / "f.png", signal)
+    assert _png_ok(tmp_path / "f.png")
+    assert all(np.all(np.diff(d["noise_std"]) > 0) for d in out.values())
+    sched = NoiseSchedule.from_name("cosine", 1000)
+    traj = viz.record_trajectory(gaussian_denoiser(sched), sched, (2, 1, 64), steps=4, prediction="sample")
+    shown = viz.plot_trajectory(tmp_path / "t.png", traj, frames=3)
+    assert _png_ok(tmp_path / "t.png") and shown["final"].shape == (1, 64)
+    grid = viz.sampler_grid(gaussian_denoiser(sched), sched, (3, 1, 64), samplers=("euler",), steps=(2, 3),
+                            prediction="sample")
+    viz.plot_sampler_grid(tmp_path / "g.png", grid)
+    assert _png_ok(tmp_path / "g.png")

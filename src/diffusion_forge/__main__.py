@@ -1,5 +1,7 @@
+"""``python -m diffusion_forge``: the `dforge` command line."""
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

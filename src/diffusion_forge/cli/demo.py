@@ -18,7 +18,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="outputs/demo", help="folder for the demo's files (also the run folder)")
     p.add_argument("--n", type=int, default=1000, help="samples drawn and scored by the digit classifier")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                   help="override a key of the default recipe (see `dforge train --help`), e.g. steps=500")
+                   help="override a key of the default recipe (see `dforge train --help`), e.g. optim.steps=500")
     p.add_argument("--no-score", action="store_true", help="skip the digit-classifier score")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -27,19 +27,21 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..io.checkpoint import load_model_from_run
     from ..data import load_mnist, to_model_range, to_uint8
-    from ..training import TrainingDiverged, generate, parse_set_flags, run_config, train
+    from ..io.checkpoint import load_model_from_run
+    from ..sampling.generate import generate
+    from ..sampling.registry import resolve_sampler
+    from ..training import TrainingDiverged, parse_set_flags, run_config, train
     from ..viz import plot_forward_strip, plot_schedules, save_image_grid
 
     out = Path(args.out)
+    flags = {"data.source": "mnist", **parse_set_flags(args.overrides)}
+    cfg, _ = run_config(out, None, flags, allow_changes=True)   # bad keys fail before any picture is drawn
     images, _ = load_mnist("test")
     plot_schedules(out / "schedules.png")
     plot_forward_strip(out / "forward.png", to_model_range(images[:1])[0])
     print(f"wrote {out / 'schedules.png'} and {out / 'forward.png'}")
 
-    flags = {"data": "mnist", **parse_set_flags(args.overrides)}
-    cfg, _ = run_config(out, None, flags, allow_changes=True)
     try:
         summary = train(cfg, out, progress=not args.no_progress)
     except TrainingDiverged as e:
@@ -48,14 +50,20 @@ def run(args) -> int:
     if summary["interrupted"]:
         return 130
 
-    trained = load_model_from_run(out)
-    x = generate(trained, args.n, seed=0, sampler=cfg.sampler, steps=cfg.sample_steps,
-                 sampler_options=cfg.sampler_options)
+    denoiser = load_model_from_run(out)     # EMA weights, with the run's schedule and prediction
+    sampler, steps, options = resolve_sampler(cfg.sample.sampler, cfg.sample.steps, cfg.sample.options)
+    cond = None
+    if denoiser.num_classes:  # a class-conditional recipe: labels 0, 1, ..., K-1, 0, 1, ...
+        import torch
+
+        cond = {"class_labels": torch.arange(args.n) % denoiser.num_classes}
+    x = generate(denoiser, args.n, seed=0, sampler=sampler, steps=steps, sampler_options=options, cond=cond,
+                 progress=not args.no_progress)
     samples = to_uint8(x)
-    save_image_grid(samples[:100], out / "samples.png", nrow=10)
-    print(f"wrote {out / 'samples.png'} ({min(args.n, 100)} of {args.n} samples, step {trained.step}, EMA weights, "
-          f"{cfg.sampler} {cfg.sampler_options or ''} with {cfg.sample_steps} steps) "
-          f"and the loss curve {out / 'loss.png'}")
+    save_image_grid(samples[:100], out / "samples.png", nrow=10,
+                    title=f"{out.name}: step {denoiser.step}, {sampler}, {steps} steps")
+    print(f"wrote {out / 'samples.png'} ({min(args.n, 100)} of {args.n} samples, step {denoiser.step}, EMA "
+          f"weights, {sampler} {options or ''} with {steps} steps) and the loss curve {out / 'loss.png'}")
     if not args.no_score:
         try:
             from ..evaluate import digit_confidence_score
@@ -65,3 +73,4 @@ def run(args) -> int:
         print(f"digit classifier: {score:.1%} of {args.n} samples are labelled with confidence >= 0.9 "
               f"(target: at least 80%)")
     return 0
+

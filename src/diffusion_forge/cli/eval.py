@@ -1,7 +1,8 @@
 """`dforge eval`: how good is a model, and does it copy its training data?"""
 from __future__ import annotations
 
-import argparse
+from ..io.files import PLOT_SUFFIXES
+from . import HelpFormatter, UserError, add_force
 
 EXAMPLES = """examples:
   dforge eval runs/mnist --n 2000                       sample 2000 images from the run, score them
@@ -22,7 +23,7 @@ def register(sub) -> None:
                                    "data set: Frechet distance and KID in the features of real networks, "
                                    "precision and recall, the fraction of near-copies of training images, and "
                                    "for runs the NLL bound in bits/dim on held-out data.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+                       formatter_class=HelpFormatter, epilog=EXAMPLES)
     p.add_argument("target", help="a run folder of `dforge train`, or a .npz sample file with key 'images'")
     p.add_argument("--data", help="data set to compare with (a run's own by default): bundled name, folder, hf:NAME")
     p.add_argument("--n", type=int, default=2000, help="samples to score (a sample file: its first N)")
@@ -36,11 +37,16 @@ def register(sub) -> None:
     p.add_argument("--no-kid", action="store_true", help="skip KID")
     p.add_argument("--no-pr", action="store_true", help="skip precision / recall")
     p.add_argument("--no-memorization", action="store_true", help="skip the nearest-training-image search")
-    p.add_argument("--pairs-out", metavar="FILE.png", help="picture of the closest sample / training pairs")
-    p.add_argument("--json", metavar="FILE", help="write every number to this JSON file")
+    p.add_argument("--pairs-out", metavar="FILE.png",
+                   help=f"picture of the closest sample / training pairs ({', '.join(PLOT_SUFFIXES)})")
+    p.add_argument("--json", metavar="FILE.json", help="write every number to this JSON file")
+    add_force(p)
     g = p.add_argument_group("run folders")
-    g.add_argument("--sampler", default="dpmpp_2m", help="sampler for drawing the samples")
-    g.add_argument("--steps", type=int, default=20, help="sampler steps")
+    g.add_argument("--sampler", default=None,
+                   help="sampler for drawing the samples (default: the run's own, its config sample.sampler; "
+                        "auto: the most accurate one for --steps)")
+    g.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.steps)")
+    g.add_argument("--sampler-options", metavar="KEY=VALUE,...", help="options of the sampler, e.g. eta=0.5")
     g.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     g.add_argument("--batch-size", type=int, default=256, help="samples drawn per batch")
     g.add_argument("--no-ema", action="store_true", help="use the trained weights, not their EMA")
@@ -88,14 +94,12 @@ def run(args) -> int:
     import time
     from pathlib import Path
 
-    import numpy as np
-
-    from . import UserError
     from .. import evaluate as ev
 
     target = Path(args.target)
     if args.n < 2:
         raise UserError("--n must be at least 2")
+    _check_outputs(args)
     networks = [s.strip() for s in args.features.split(",") if s.strip()] if args.features else None
     for name in networks or []:
         if name not in ev.FEATURE_NETWORKS:
@@ -105,40 +109,34 @@ def run(args) -> int:
     start = time.time()
     report: dict = {"target": str(target)}
     trained = None
+    if not target.exists():
+        raise UserError(f"{target} does not exist (give a run folder of `dforge train`, or a .npz file with key "
+                        "'images')")
     if target.is_dir():
-        from ..io.checkpoint import load_model_from_run
+        from ..io.checkpoint import config_value, load_model_from_run
         from ..data import TOY_SETS, to_uint8
-        from ..training import generate
+        from .sample import generate, parse_options, run_settings, write_npz
 
+        options = parse_options(args.sampler_options)
         trained = load_model_from_run(target, use_ema=not args.no_ema)
-        data = args.data or trained.config["data"]
-        print(f"dforge eval: drawing {args.n} samples from {target} (step {trained.step}, {args.sampler}, "
-              f"{args.steps} steps, seeds {args.seed}..{args.seed + args.n - 1})")
-        x = generate(trained, args.n, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                     batch_size=args.batch_size)
-        report.update(step=trained.step, sampler=args.sampler, steps=args.steps, seed=args.seed)
+        sampler, steps, options = run_settings(trained, args.sampler, args.steps, options)
+        data = args.data or config_value(trained.config, "data.source")
+        print(f"dforge eval: drawing {args.n} samples from {target} (step {trained.step}, {sampler} {options or ''}"
+              f"{steps} steps, seeds {args.seed}..{args.seed + args.n - 1})")
+        x = generate(trained, args.n, seed=args.seed, sampler=sampler, steps=steps, sampler_options=options,
+                     batch_size=args.batch_size, progress=True)
+        report.update(step=trained.step, sampler=sampler, steps=steps, sampler_options=options, seed=args.seed)
         if str(data).lower() in TOY_SETS:
             return _toy_report(args, trained, data, x, report)
         images = to_uint8(x)
         if args.save_samples:
-            from ..io.files import atomic_write
-            def write(tmp):
-                with open(tmp, "wb") as f:
-                    np.savez(f, images=images)
-            atomic_write(Path(args.save_samples), write)
+            write_npz(args.save_samples, {"images": images})
             print(f"  wrote {args.save_samples} (key 'images', uint8 N x H x W x C)")
-    elif target.suffix == ".npz" and target.is_file():
+    elif target.suffix.lower() == ".npz":
         if not args.data:
             raise UserError("a sample file needs --data NAME (the data set to compare with)")
         data = args.data
-        with np.load(target) as f:
-            if "images" not in f:
-                raise UserError(f"{target} has no 'images' array (found: {', '.join(f.files)})")
-            images = f["images"][: args.n]
-        if images.dtype != np.uint8 or images.ndim != 4:
-            raise UserError(f"{target}: 'images' must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
-        if len(images) < 2:
-            raise UserError(f"{target} holds fewer than 2 images")
+        images = read_sample_file(target, args.n)
     else:
         raise UserError(f"{target} is neither a run folder nor a .npz sample file")
 
@@ -169,6 +167,61 @@ def run(args) -> int:
         _write_json(args.json, report)
         print(f"  wrote {args.json}")
     return 0
+
+
+def _check_outputs(args) -> None:
+    """Every output of the command writable (and not there already unless --force), before any work."""
+    from ..io.files import check_output
+
+    if args.pairs_out and args.no_memorization:
+        raise UserError("--pairs-out shows the nearest-training-image search: drop --no-memorization")
+    for path, suffixes in ((args.json, (".json",)), (args.pairs_out, PLOT_SUFFIXES), (args.save_samples, (".npz",))):
+        if path:
+            check_output(path, suffixes, force=args.force)
+
+
+ZIP_MAGIC, NPY_MAGIC = (b"PK\x03\x04", b"PK\x05\x06"), b"\x93NUMPY"
+LAYOUT = "uint8 N x H x W x C (channels last, values 0..255)"
+
+
+def read_sample_file(path, n: int):
+    """The first ``n`` images of a sample file (key ``images``, uint8 N x H x W x C), or a UserError that
+    names what the file is instead. Never unpickles (allow_pickle=False)."""
+    import zipfile
+
+    import numpy as np
+
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == NPY_MAGIC:
+        raise UserError(f"{path} is a .npy array file, not an .npz archive; write it with "
+                        "np.savez(path, images=array) (images: " + LAYOUT + ")")
+    if head[:4] not in ZIP_MAGIC:
+        raise UserError(f"{path} is not an .npz file (not a zip archive of arrays); write one with "
+                        "np.savez(path, images=array) (images: " + LAYOUT + ")")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "images" not in f:
+                raise UserError(f"{path} has no 'images' array (found: {', '.join(f.files) or 'none'})")
+            images = f["images"][:n]
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"{path} is a damaged .npz file ({e}); write it again") from None
+    except ValueError as e:
+        if "pickle" not in str(e):
+            raise
+        raise UserError(f"{path}: 'images' holds Python objects, not an array of numbers; expected {LAYOUT}") from None
+    found = f"{images.dtype} {' x '.join(map(str, images.shape))}"
+    if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
+        raise UserError(f"{path}: 'images' is channels first (N x C x H x W: {found}); dforge eval expects "
+                        f"{LAYOUT}: use np.transpose(images, (0, 2, 3, 1))")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise UserError(f"{path}: 'images' must be {LAYOUT} with C = 1 or 3, found {found}")
+    if images.dtype != np.uint8:
+        raise UserError(f"{path}: 'images' must be {LAYOUT}, found {found}; convert [-1, 1] floats with "
+                        "((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)")
+    if len(images) < 2:
+        raise UserError(f"{path} holds fewer than 2 images")
+    return images
 
 
 def _nll(args, trained, data) -> dict:

@@ -1,91 +1,236 @@
-"""`dforge sample`: draw samples from a trained run folder into a picture or an .npz file."""
+"""`dforge sample`: draw samples from a trained run folder into a picture or an .npz file.
+
+Also the helpers the other sampling commands share (eval, viz): the sampler settings of a run, checked
+before any sampling work, and the one generation loop and picture writer.
+"""
 from __future__ import annotations
 
 import argparse
 
+from ..io.files import IMAGE_SUFFIXES, PLOT_SUFFIXES
+from . import HelpFormatter, UserError, add_force
+
+SIGMAS_HELP = "default (the model's own sigmas at the --spacing timesteps), karras or exponential"
+SPACING_HELP = "trailing (starts at pure noise for every step count), leading or linspace; for --sigmas default"
+
 
 def register(sub) -> None:
-    p = sub.add_parser("sample", help="sample a trained run folder into a .png grid or an .npz file",
+    p = sub.add_parser("sample", help="sample a trained run folder into a picture or an .npz file",
                        description="Load a run folder written by `dforge train` (its newest checkpoint, EMA weights "
                                    "by default) and sample it. Image i uses the seed SEED + i, so an image depends "
                                    "on its seed only, not on --n or --batch-size.",
-                       formatter_class=argparse.HelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("run", help="run folder written by `dforge train`")
-    p.add_argument("--n", type=int, default=64, help="number of samples (default: %(default)s)")
+    p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--sampler", default=None,
                    help="sampler name (euler, euler_ancestral, ddim, dpmpp_2m, dpmpp_2m_sde, unipc, ...; `auto`: the "
-                        "most accurate one for --steps); default: the run's own (its config keys sampler, "
-                        "sampler_options)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample_steps)")
+                        "most accurate one for --steps network evaluations); default: the run's own (its config "
+                        "sample.sampler, sample.options)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
+    p.add_argument("--sampler-options", metavar="KEY=VALUE,...", default=None,
+                   help="options of the sampler, e.g. eta=0.5,s_noise=1.0 (each sampler's own; checked before "
+                        "sampling); added to the run's own when --sampler is not given")
     p.add_argument("--eta", type=float, default=None,
-                   help="noise of the ancestral / SDE samplers (1: DDPM-like; above 1 more fresh noise each step; "
-                        "default: the run's sampler_options)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the first sample; sample i uses seed + i (default: %(default)s)")
+                   help="noise of the ancestral / SDE samplers (short for --sampler-options eta=X; 1: DDPM-like; "
+                        "above 1 more fresh noise each step)")
+    p.add_argument("--sigmas", default="default", help=f"the sigma grid: {SIGMAS_HELP}")
+    p.add_argument("--spacing", default="trailing", help=f"timestep spacing: {SPACING_HELP}")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
     p.add_argument("--out", default="samples.png",
-                   help="output file: .png (a grid) or .npz (key `images`: uint8 N x H x W x C) "
-                        "(default: %(default)s)")
+                   help=f"output file: a picture ({', '.join(IMAGE_SUFFIXES)}: a titled grid of images; vector data: "
+                        "a scatter plot, .svg too) or .npz (key `images`: uint8 N x H x W x C; vector data: "
+                        "`samples`, float32)")
+    add_force(p)
+    p.add_argument("--raw-grid", action="store_true", help="a plain grid of tiles, no title or margins")
     p.add_argument("--no-ema", action="store_true", help="use the trained weights instead of their EMA")
     p.add_argument("--step", type=int, default=None, help="use the checkpoint of this step (default: newest)")
-    p.add_argument("--batch-size", type=int, default=256, help="samples per network call (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per network call")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto, a GPU when there is one)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from pathlib import Path
+# ---------------------------------------------------------------------------------------------
+# Shared by the sampling commands
 
-    import numpy as np
-    import torch
+def parse_options(text: str | None, flag: str = "--sampler-options") -> dict:
+    """``"eta=0.5,order=3,variant=bh1,afs=true"`` -> {"eta": 0.5, "order": 3, "variant": "bh1", "afs": True}."""
+    options = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} takes KEY=VALUE[,KEY=VALUE...], got {item.strip()!r}")
+        options[key.strip()] = _scalar(value.strip())
+    return options
 
-    from ..io.checkpoint import CheckpointError, load_model_from_run
-    from ..training import generate, save_samples
-    from . import UserError
 
-    out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".npz"):
-        raise UserError(f"--out must end in .png or .npz, got {out.name!r}")
-    if args.n < 1 or (args.steps is not None and args.steps < 1) or args.batch_size < 1:
-        raise UserError("--n, --steps and --batch-size must be >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def _scalar(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _registry():
     try:
-        trained = load_model_from_run(args.run, use_ema=not args.no_ema, step=args.step, device=device)
-    except CheckpointError as e:
-        raise UserError(str(e)) from e
+        from ..sampling import registry
+    except ImportError:   # before sampling/registry.py exists: the registry lives with the samplers
+        from ..sampling import samplers as registry
+    return registry
+
+
+def check_samplers(names) -> None:
+    """Every sampler name known (None: chosen by budget), before any work is done."""
+    known = _registry().SAMPLERS
+    bad = [n for n in names if n is not None and n not in known]
+    if bad:
+        raise UserError(f"unknown sampler{'s' * (len(bad) > 1)} {', '.join(map(repr, bad))}; choose from: "
+                        f"{', '.join(known)} (or auto)")
+
+
+def resolve(sampler: str | None, steps: int, options: dict) -> tuple[str, int, dict]:
+    """(sampler, steps, options) as sampling will use them; a wrong option name or type is refused here,
+    before any sampling work (None: the toolkit's rule picks the sampler for a budget of ``steps``)."""
+    reg = _registry()
+    check_samplers([sampler])
+    if hasattr(reg, "resolve_sampler"):
+        sampler, steps, options = reg.resolve_sampler(sampler, steps, dict(options))
+    elif sampler is None:
+        sampler = reg.default_sampler(steps)
+        steps = max(1, reg.SAMPLERS[sampler].steps_for(steps))
+    defaults = reg.SAMPLERS[sampler].options
+    for key, value in options.items():
+        if key not in defaults:
+            raise UserError(f"sampler {sampler!r} takes no option {key!r}; its options: "
+                            f"{', '.join(f'{k} (default {v!r})' for k, v in defaults.items()) or 'none'}")
+        if not _same_kind(value, defaults[key]):
+            raise UserError(f"sampler option {key}={value!r} of {sampler!r} must be a "
+                            f"{type(defaults[key]).__name__} (default {defaults[key]!r})")
+    return sampler, steps, dict(options)
+
+
+def _same_kind(value, default) -> bool:
+    """bool for a bool option, int for an int, a number for a float, the same type otherwise."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return type(value) is type(default)
+
+
+def run_settings(trained, sampler: str | None, steps: int | None, options: dict) -> tuple[str, int, dict]:
+    """The sampler settings of a command: the run's own (config sample.*) unless named; ``auto``: by budget."""
+    from ..io.checkpoint import config_value
+
     cfg = trained.config
-    if args.sampler is None:  # the run's own sampler and options
-        sampler, options = cfg.get("sampler", "dpmpp_2m"), dict(cfg.get("sampler_options") or {})
-    else:
-        sampler, options = (None if args.sampler == "auto" else args.sampler), {}
-    if args.eta is not None:
-        options["eta"] = args.eta
-    steps = args.steps or cfg.get("sample_steps", 20)
-    x = generate(trained, args.n, seed=args.seed, sampler=sampler, steps=steps, batch_size=args.batch_size,
-                 sampler_options=options)
-    images = x.ndim == 4
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".npz":
-        from ..io.files import atomic_write_bytes
-
-        if images:
-            from ..data import to_uint8
-
-            arrays = {"images": to_uint8(x)}
-        else:
-            arrays = {"samples": x.numpy().astype(np.float32)}
-        atomic_write_bytes(out, _npz_bytes(arrays))
-    else:
-        save_samples(x, out, title=f"samples of {args.run}")
-    print(f"wrote {args.n} samples of {args.run} (step {trained.step}, {'EMA' if not args.no_ema else 'trained'} "
-          f"weights, {sampler or 'auto'} {options or ''} with {steps} steps) to {out}")
-    return 0
+    if sampler is None:
+        sampler = config_value(cfg, "sample.sampler")
+        options = {**(config_value(cfg, "sample.options") or {}), **options}
+    elif sampler == "auto":
+        sampler = None
+    steps = steps or config_value(cfg, "sample.steps", 20)
+    return resolve(sampler, steps, options)
 
 
-def _npz_bytes(arrays: dict) -> bytes:
+def check_grid(sigmas: str, spacing: str) -> None:
+    from ..core.schedules import SIGMA_GRIDS, SPACINGS
+
+    if sigmas not in SIGMA_GRIDS:
+        raise UserError(f"unknown --sigmas {sigmas!r}; choose one of: {', '.join(SIGMA_GRIDS)}")
+    if spacing not in SPACINGS:
+        raise UserError(f"unknown --spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
+
+
+def generate(trained, n: int, **kwargs):
+    """The one seeded, batched generation loop (sample i: seed + i); float32 CPU tensor."""
+    try:
+        from ..sampling.generate import generate as loop
+    except ImportError:   # before sampling/generate.py exists: the trainer's loop, without a progress bar
+        from ..training import generate as loop
+        kwargs.pop("progress", None)
+    return loop(trained, n, **kwargs)
+
+
+def save_picture(x, path, title: str = "", raw: bool = False):
+    """Images as a titled grid (``raw``: plain tiles), vectors as a scatter plot; written atomically."""
+    try:
+        from ..viz import save_samples
+    except ImportError:   # before the viz package has save_samples: the trainer's (plain grid)
+        from ..training import save_samples
+        return save_samples(x, path, title=title)
+    return save_samples(x, path, title=title, raw=raw)
+
+
+def npz_arrays(x) -> dict:
+    """What a sample file holds: ``images`` uint8 N x H x W x C; ``signals`` float32 N x C x L; else ``samples``."""
+    import numpy as np
+
+    if x.ndim == 4:
+        from ..data import to_uint8
+
+        return {"images": to_uint8(x)}
+    return {"signals" if x.ndim == 3 else "samples": x.numpy().astype(np.float32)}
+
+
+def write_npz(path, arrays: dict) -> None:
     import io
 
     import numpy as np
 
+    from ..io.files import atomic_write_bytes
+
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    return buf.getvalue()
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..io.files import check_output
+
+    out = Path(args.out)
+    if args.n < 1 or (args.steps is not None and args.steps < 1) or args.batch_size < 1:
+        raise UserError("--n, --steps and --batch-size must be >= 1")
+    options = parse_options(args.sampler_options)
+    if args.eta is not None:
+        options["eta"] = args.eta
+    check_output(out, (".npz", *PLOT_SUFFIXES), force=args.force)        # before any work
+    if args.sampler not in (None, "auto"):
+        check_samplers([args.sampler])
+    check_grid(args.sigmas, args.spacing)
+
+    from ..device import resolve_device
+    from ..io.checkpoint import load_model_from_run
+
+    device = resolve_device(args.device)
+    trained = load_model_from_run(args.run, use_ema=not args.no_ema, step=args.step, device=device)
+    images = len(trained.sample_shape) == 3
+    if images and out.suffix.lower() not in (".npz", *IMAGE_SUFFIXES):
+        raise UserError(f"{out}: a grid of images is written as {', '.join(IMAGE_SUFFIXES)} (or .npz); "
+                        f"{out.suffix} is for plots of vector data")
+    if args.raw_grid and not images:
+        raise UserError(f"--raw-grid draws a plain grid of images; this run's samples have shape "
+                        f"{tuple(trained.sample_shape)}: leave it off")
+    sampler, steps, options = run_settings(trained, args.sampler, args.steps, options)
+    x = generate(trained, args.n, seed=args.seed, sampler=sampler, steps=steps, sampler_options=options,
+                 batch_size=args.batch_size, device=device, sigmas=args.sigmas, spacing=args.spacing,
+                 progress=not args.no_progress)
+    if out.suffix.lower() == ".npz":
+        write_npz(out, npz_arrays(x))
+    else:
+        title = (f"{Path(args.run).resolve().name}: step {trained.step}, {sampler} {steps} steps, "
+                 f"seeds {args.seed}..{args.seed + args.n - 1}")
+        save_picture(x, out, title=title, raw=args.raw_grid)
+    weights = "trained" if args.no_ema else "EMA"
+    print(f"wrote {args.n} samples of {args.run} (step {trained.step}, {weights} weights, {sampler} "
+          f"{options or ''} with {steps} steps) to {out}")
+    return 0

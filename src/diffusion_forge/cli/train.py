@@ -5,29 +5,38 @@ import argparse
 
 EXAMPLES = """examples:
   dforge train --data mnist --out runs/mnist                    the default recipe (minutes on 2 cores)
-  dforge train --data photos/ --out runs/photos --set image_size=32 --set preset=base
+  dforge train --data photos/ --out runs/photos --set data.image_size=32 --set model.preset=tiny
+                                                                a CPU-sized image-folder run (GPU: preset=base)
+  dforge train --data mnist --out runs/mnist-cond --set conditioning.kind=class     class-conditional
+  dforge train --data mnist --out runs/sd --set diffusion.schedule=scaled_linear \\
+      --set diffusion.beta_start=0.00085 --set diffusion.beta_end=0.012 --set diffusion.prediction=epsilon
   dforge train --out runs/mnist                                 resume (also after a crash or Ctrl-C)
-  dforge train --out runs/mnist --set steps=6000 --allow-changes
+  dforge train --out runs/mnist --set optim.steps=6000 --allow-changes
   dforge train --data mnist --overfit-batch                     does the pipeline learn at all?
   torchrun --nproc_per_node 2 -m diffusion_forge train --out runs/mnist     2 CPU processes (gloo)
   accelerate launch --num_processes 4 -m diffusion_forge train --out runs/mnist   4 GPUs
 
-config keys (--set KEY=VALUE or a YAML/JSON file; defaults < file < --set; see docs/training.md):
+config keys (--set SECTION.KEY=VALUE, or a YAML/JSON file of sections; defaults < file < --set;
+the flat names of the first release still work; see docs/training.md):
 """
 
 
 def register(sub) -> None:
+    from . import HelpFormatter
+
     p = sub.add_parser("train", help="train a diffusion model (or resume a run folder)",
                        description="Train a diffusion model on your images or a bundled data set. The run folder "
                                    "gets config.json, checkpoints/, samples/, metrics.jsonl and loss.png; running "
                                    "the command again on it resumes from the newest checkpoint.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog())
-    p.add_argument("--data", help="data set: a bundled name (mnist, digits, emoji, moons, ...), a folder of "
-                                  "images, or hf:NAME (same as --set data=...)")
-    p.add_argument("--out", help="the run folder (created, or resumed when it exists)")
-    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys")
+                       formatter_class=HelpFormatter, epilog=epilog())
+    p.add_argument("--data", help="data set of a new run: a bundled name (mnist, digits, emoji, moons, ...), a "
+                                  "folder of images, or hf:NAME (same as --set data.source=...)")
+    p.add_argument("--out", help="the run folder (created, or resumed when it holds a run)")
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys (sections or dotted keys)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                   help="override one config key (repeatable); wins over --config")
+                   help="override one config key, e.g. optim.lr=1e-3 (repeatable); wins over --config")
+    p.add_argument("--device", default=None,
+                   help="auto, cpu, cuda, cuda:N or mps (same as --set run.device=...; default: run.device)")
     p.add_argument("--allow-changes", action="store_true",
                    help="resume an existing run even though some settings differ from those it started with")
     p.add_argument("--overfit-batch", action="store_true",
@@ -36,62 +45,79 @@ def register(sub) -> None:
     p.add_argument("--overfit-steps", type=int, default=300, help="steps of the --overfit-batch check")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after this much training time, with a checkpoint (run again to go on)")
-    p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    p.add_argument("--print-config", action="store_true", help="print the merged config (nested JSON) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     p.set_defaults(func=run)
 
 
-def config_table() -> list[tuple[str, str, str]]:
-    """(key, default, comment) for each field of TrainConfig, read from training.py's source text, so that
-    `dforge --help` does not import torch."""
-    import importlib.util
-    import re
+def epilog() -> str:
+    """Every config key with its default and help, from the field metadata of training/config.py."""
+    from ..training.layers import help_rows
 
-    with open(importlib.util.find_spec("diffusion_forge.training").origin) as f:
-        source = f.read()
-    body = source.split("class TrainConfig:", 1)[1].split("def __post_init__", 1)[0]
-    field = re.compile(r"^    (\w+): [^=]+= (.+?)(?:\s+# (.*))?$")
-    rows = []
-    for line in body.splitlines():
-        m = field.match(line)
-        if m:
-            default = re.sub(r"field\(default_factory=(?:lambda: )?(.*)\)$", r"\1", m.group(2)).replace("dict", "{}")
-            rows.append((m.group(1), default, m.group(3) or ""))
-    return rows
+    rows = help_rows()
+    key_w = max(len(k) for k, _, _ in rows)
+    default_w = min(16, max(len(d) for _, d, _ in rows))
+    lines, section = [], None
+    for key, default, help_text in rows:
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            lines.append(f"  [{section}]")
+        lines.append(f"  {key:<{key_w}}  {default:<{default_w}}  {help_text}")
+    return EXAMPLES + "\n".join(lines)
 
 
-def _epilog() -> str:
-    rows = config_table()
-    width = max(len(k) for k, _, _ in rows)
-    return EXAMPLES + "\n".join(f"  {k:<{width}}  {d:<15} {c}" for k, d, c in rows)
+def _flags(args) -> dict:
+    from ..training import parse_set_flags
+
+    flags = parse_set_flags(args.overrides)
+    if args.data is not None:
+        flags["data.source"] = args.data
+    if args.device is not None:
+        flags["run.device"] = args.device
+    return flags
+
+
+def _check_out(out: str):
+    """--out must be a folder (or not exist yet), and writable."""
+    from pathlib import Path
+
+    from ..io.files import OutputError
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--out {out} is a file, not a run folder; choose a folder name (e.g. runs/NAME)")
+    return path
 
 
 def run(args) -> int:
     import json
 
-    from ..training import TrainingDiverged, overfit_batch, parse_set_flags, run_config, train
+    from ..training import TrainingDiverged, merge_config, overfit_batch, run_config, train
     from . import UserError
 
-    flags = parse_set_flags(args.overrides)
-    if args.data is not None:
-        flags["data"] = args.data
+    flags = _flags(args)
     if args.overfit_batch:
-        from ..training import merge_config
-
         cfg = merge_config(None, args.config, flags)
         result = overfit_batch(cfg, steps=args.overfit_steps, progress=not args.no_progress)
         print(result["verdict"])
         return 0 if result["passed"] else 1
     if not args.out:
-        raise UserError("--out RUN_FOLDER is required (it is created, or resumed when it exists)")
-    cfg, changes = run_config(args.out, args.config, flags, allow_changes=args.allow_changes)
+        raise UserError("--out RUN_FOLDER is required (it is created, or resumed when it holds a run)")
+    out = _check_out(args.out)
+    cfg, changes = run_config(out, args.config, flags, allow_changes=args.allow_changes,
+                              require_data=not args.print_config)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    from ..device import resolve_device
+    from ..io.files import check_writable_dir
+
+    resolve_device(cfg.run.device)  # --device cuda on a CPU-only torch: one line, before any work
+    check_writable_dir(out)
     if changes:
         print("resuming with changed settings: " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     try:
-        summary = train(cfg, args.out, progress=not args.no_progress,
+        summary = train(cfg, out, progress=not args.no_progress,
                         max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     except TrainingDiverged as e:
         print(f"dforge train: error: {e}")
@@ -99,8 +125,9 @@ def run(args) -> int:
     if summary["interrupted"]:
         return 130
     if summary["step"] > summary["start_step"]:
-        print(f"trained {args.out} to step {summary['step']} in {summary['seconds']:.0f} s; samples: "
-              f"{summary.get('samples', '-')}; loss curve: {args.out}/loss.png")
+        print(f"trained {out} to step {summary['step']} in {summary['seconds']:.0f} s; samples: "
+              f"{summary.get('samples', '-')}; loss curve: {out / 'loss.png'}")
     else:
-        print(f"{args.out} is already trained to step {summary['step']} (raise it with --set steps=N --allow-changes)")
+        print(f"{out} is already trained to step {summary['step']} "
+              "(raise it with --set optim.steps=N --allow-changes)")
     return 0

@@ -1,15 +1,17 @@
 """`dforge viz`: the pictures that teach (schedules, the forward process, trajectories, samplers)."""
 from __future__ import annotations
 
-import argparse
+from ..io.files import PLOT_SUFFIXES
+from . import HelpFormatter, UserError, add_force
 
+OUT_HELP = f"output picture ({', '.join(PLOT_SUFFIXES)})"
 EXAMPLES = """examples:
   dforge viz schedule --out schedules.png                     alpha_bar, SNR, log-SNR of every schedule
   dforge viz forward --data mnist --out forward.png           a digit at increasing t, per schedule
   dforge viz forward --data moons --out forward-2d.png        a 2-D distribution turning into a Gaussian
   dforge viz trajectory runs/mnist --out trajectory.png       x_t and the predicted x_0 along one sampling run
   dforge viz samplers runs/mnist --out samplers.png --samplers euler,heun,dpmpp_2m --step-counts 5,10,20
-A .svg suffix writes SVG.
+Pictures: .png, .jpg or .svg (the suffix picks the format). An existing file is refused unless --force.
 """
 
 
@@ -17,27 +19,32 @@ def register(sub) -> None:
     p = sub.add_parser("viz", help="pictures: schedules, forward process, trajectories, samplers side by side",
                        description="Draw the pictures that explain diffusion: noise schedules, data turning into "
                                    "noise, the reverse trajectory of a trained run, and samplers side by side.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+                       formatter_class=HelpFormatter, epilog=EXAMPLES)
     what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
 
-    s = what.add_parser("schedule", help="alpha_bar, SNR and log-SNR of every named schedule (and zero-terminal-SNR)")
+    s = what.add_parser("schedule", help="alpha_bar, SNR and log-SNR of every named schedule (and zero-terminal-SNR)",
+                        formatter_class=HelpFormatter)
     s.add_argument("--num-timesteps", type=int, default=1000, help="T of every schedule")
-    s.add_argument("--out", default="schedules.png", help="output picture (.png or .svg)")
+    s.add_argument("--out", default="schedules.png", help=OUT_HELP)
+    add_force(s)
 
-    f = what.add_parser("forward", help="data turning into noise (images: a strip per schedule; 2-D: scatter)")
+    f = what.add_parser("forward", help="data turning into noise (images: a strip per schedule; 2-D: scatter)",
+                        formatter_class=HelpFormatter)
     f.add_argument("--data", default="mnist", help="bundled name, image folder or hf:NAME; 2-D toys: moons, ...")
     f.add_argument("--index", type=int, default=0, help="which image of the data set (test split when there is one)")
     f.add_argument("--schedule", default="cosine", help="schedule for 2-D data")
     f.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    f.add_argument("--out", default="forward.png", help="output picture (.png or .svg)")
+    f.add_argument("--out", default="forward.png", help=OUT_HELP)
+    add_force(f)
 
     for name, helptext in [("trajectory", "x_t and the predicted x_0 along one sampling run of a trained run"),
                            ("samplers", "a grid of samplers x step counts, same seeds in every cell")]:
-        r = what.add_parser(name, help=helptext)
+        r = what.add_parser(name, help=helptext, formatter_class=HelpFormatter)
         r.add_argument("run", help="a run folder of `dforge train`")
         r.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
         r.add_argument("--no-ema", action="store_true", help="use the trained weights, not their EMA")
-        r.add_argument("--out", default=f"{name}.png", help="output picture (.png or .svg)")
+        r.add_argument("--out", default=f"{name}.png", help=OUT_HELP)
+        add_force(r)
         if name == "trajectory":
             r.add_argument("--sampler", default="dpmpp_2m", help="sampler")
             r.add_argument("--steps", type=int, default=20, help="sampler steps")
@@ -50,6 +57,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..io.files import check_output
+
+    check_output(args.out, PLOT_SUFFIXES, force=args.force)      # before any work
     return {"schedule": _schedule, "forward": _forward, "trajectory": _trajectory, "samplers": _samplers}[args.what](args)
 
 
@@ -76,7 +86,7 @@ def _forward(args) -> int:
     else:
         ds = load_dataset(args.data, split="test" if name in BUNDLED else "train")
         if not 0 <= args.index < len(ds):
-            raise ValueError(f"--index must lie in [0, {len(ds) - 1}]")
+            raise UserError(f"--index must lie in [0, {len(ds) - 1}]")
         image, _ = ds[args.index]
         plot_forward_strip(args.out, torch.as_tensor(image), seed=args.seed)
     print(f"wrote {args.out}")
@@ -91,7 +101,11 @@ def _load(args):
 
 def _trajectory(args) -> int:
     from ..viz import plot_trajectory, record_trajectory
+    from .sample import check_samplers
 
+    check_samplers([args.sampler])
+    if args.steps < 1 or args.frames < 1:
+        raise UserError("--steps and --frames must be >= 1")
     trained = _load(args)
     n = 1 if len(trained.sample_shape) > 1 else 1000
     traj = record_trajectory(trained.model, trained.schedule, (n, *trained.sample_shape), sampler=args.sampler,
@@ -103,13 +117,19 @@ def _trajectory(args) -> int:
 
 def _samplers(args) -> int:
     from ..viz import plot_sampler_grid, sampler_grid
+    from .sample import check_samplers
 
-    trained = _load(args)
     names = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    if not names:
+        raise UserError("--samplers names no sampler")
+    check_samplers(names)                          # every name, before any sampling
     try:
         counts = [int(s) for s in args.step_counts.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--step-counts must be comma-separated integers, got {args.step_counts!r}") from None
+        raise UserError(f"--step-counts must be comma-separated integers, got {args.step_counts!r}") from None
+    if not counts or min(counts) < 1 or args.n < 1:
+        raise UserError("--step-counts must name step counts >= 1, and --n must be >= 1")
+    trained = _load(args)
     n = args.n if len(trained.sample_shape) > 1 else max(args.n, 500)
     grid = sampler_grid(trained.model, trained.schedule, (n, *trained.sample_shape), names, counts,
                         prediction=trained.prediction, seed=args.seed)

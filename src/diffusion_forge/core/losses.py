@@ -4,6 +4,9 @@ Simplified loss (Ho et al. 2020), for a prediction target y(x_0, eps, t) of the 
 
     L_simple = E_{t ~ U{0..T-1}, x_0, eps} [ w(t) || model(x_t, t) - y ||^2 ]
 
+where model is ``Denoiser.network``: the loss and the bound see the network through the same
+:class:`~diffusion_forge.Denoiser` the samplers use, so the schedule and prediction type mean one thing.
+
 Min-SNR-gamma weighting (Hang et al. 2023) clips the per-timestep weight of the equivalent
 x_0-loss at gamma: w_x0 = min(SNR, gamma). Expressed for each target (since ||eps - eps_hat||^2 =
 SNR ||x_0 - x0_hat||^2 and ||v - v_hat||^2 = (SNR + 1) ||x_0 - x0_hat||^2):
@@ -26,18 +29,21 @@ from typing import Callable, Literal
 
 import torch
 
-from .process import PREDICTIONS, check_prediction, from_x0_eps, posterior_coefficients, q_sample, to_x0_eps
+from .process import check_prediction, check_prediction_at_snr0, from_x0_eps, posterior_coefficients, q_sample, to_x0_eps
 from .schedules import NoiseSchedule
 
 F64 = torch.float64
 Variance = Literal["beta_tilde", "beta"]
 
 
-def _check_prediction_for(schedule: NoiseSchedule, prediction: str) -> None:
-    check_prediction(prediction, PREDICTIONS)
-    if schedule.zero_terminal_snr and prediction == "epsilon":
-        raise ValueError("prediction='epsilon' cannot be used with a zero-terminal-SNR schedule: at SNR 0 "
-                         "x_0 = (x_t - eps) / 0 cannot be recovered; use 'v_prediction' or 'sample'")
+def _denoiser(model, schedule: NoiseSchedule | None, prediction: str | None):
+    """The Denoiser the loss and the bound see the network through (the same one the samplers use): a
+    (wrapped) Denoiser as it is, or a network with its schedule and prediction; epsilon refused at SNR 0."""
+    from ..denoise.denoiser import as_denoiser
+
+    D = as_denoiser(model, schedule, prediction)
+    check_prediction_at_snr0(D.prediction, D.schedule.zero_terminal_snr)
+    return D
 
 
 def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -69,29 +75,33 @@ def sample_timesteps(batch: int, schedule: NoiseSchedule, generator: torch.Gener
 def diffusion_loss(
     model: Callable[..., torch.Tensor],
     x0: torch.Tensor,
-    schedule: NoiseSchedule,
-    prediction: str = "epsilon",
+    schedule: NoiseSchedule | None = None,
+    prediction: str | None = None,
     min_snr_gamma: float | None = None,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     reduction: Literal["mean", "none"] = "mean",
-    **cond,
+    cond: dict | None = None,
+    **cond_kwargs,
 ) -> torch.Tensor:
-    """The simplified loss of ``model(x_t, t, **cond)`` on a batch of clean data x_0.
+    """The simplified loss of a network ``model(x_t, t, **cond)`` (or a :class:`Denoiser`, whose schedule and
+    prediction are then used) on a batch of clean data x_0, computed through ``Denoiser.network``.
 
-    t and eps are drawn on the CPU from ``generator`` unless given. With ``reduction="none"`` the
-    per-sample losses (mean over the non-batch dimensions, weights applied) are returned."""
-    _check_prediction_for(schedule, prediction)
+    t and eps are drawn on the CPU from ``generator`` unless given. ``cond``: the network's conditioning
+    (a dict; keyword arguments are merged into it). With ``reduction="none"`` the per-sample losses (mean
+    over the non-batch dimensions, weights applied) are returned."""
+    D = _denoiser(model, schedule, prediction)
+    schedule, prediction, cond = D.schedule, D.prediction, {**(cond or {}), **cond_kwargs}
     if t is None:
         t = sample_timesteps(x0.shape[0], schedule, generator)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
     alpha_bar = schedule.alpha_bar_at(t)
-    x_t = q_sample(x0, t, noise, schedule)
+    x_t = q_sample(x0, t, noise, schedule)                           # x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps
     target = training_target(prediction, x0, noise, alpha_bar)
-    out = model(x_t, torch.as_tensor(t).to(device=x0.device, dtype=torch.float32), **cond)
-    per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)
+    out = D.network(x_t, torch.as_tensor(t).to(device=x0.device, dtype=torch.float32), **cond)
+    per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)   # ||model - y||^2 per sample
     if min_snr_gamma is not None:
         snr = alpha_bar / (1 - alpha_bar)
         per_sample = per_sample * min_snr_weight(snr, min_snr_gamma, prediction).to(per_sample)
@@ -155,32 +165,35 @@ def vlb_term(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, x0_pred: torc
     return torch.where(torch.as_tensor(t) == 0, decoder, kl)
 
 
-def _sampled_term(model, x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, prediction: str,
-                  variance: Variance, generator: torch.Generator | None, **cond) -> torch.Tensor:
-    """The bound's term at t for one draw x_t ~ q(x_t | x_0), with the model's x_0 prediction (nats)."""
+def _sampled_term(D, x0: torch.Tensor, t: torch.Tensor, variance: Variance, generator: torch.Generator | None,
+                  cond: dict) -> torch.Tensor:
+    """The bound's term at t for one draw x_t ~ q(x_t | x_0), with the denoiser's x_0 prediction (nats)."""
     noise = torch.randn(x0.shape, generator=generator, dtype=F64)
-    x_t = q_sample(x0.to(F64), t, noise, schedule)
-    out = model(x_t.to(x0.dtype), t.to(torch.float32), **cond)
-    x0_pred = to_x0_eps(out.to(F64), prediction, x_t, schedule.alpha_bar_at(t))[0]
-    return vlb_term(x0, x_t, t, x0_pred, schedule, variance)
+    x_t = q_sample(x0.to(F64), t, noise, D.schedule)
+    out = D.network(x_t.to(x0.dtype), t.to(torch.float32), **cond)
+    x0_pred = to_x0_eps(out.to(F64), D.prediction, x_t, D.schedule.alpha_bar_at(t))[0]
+    return vlb_term(x0, x_t, t, x0_pred, D.schedule, variance)
 
 
 @torch.no_grad()
 def variational_bound(
     model: Callable[..., torch.Tensor],
     x0: torch.Tensor,
-    schedule: NoiseSchedule,
-    prediction: str = "epsilon",
+    schedule: NoiseSchedule | None = None,
+    prediction: str | None = None,
     generator: torch.Generator | None = None,
     variance: Variance = "beta_tilde",
-    **cond,
+    cond: dict | None = None,
+    **cond_kwargs,
 ) -> torch.Tensor:
-    """The full bound per sample in nats: prior + all T terms (T network calls per batch)."""
-    _check_prediction_for(schedule, prediction)
-    total = prior_term(x0, schedule)
-    for step in range(schedule.num_timesteps):
+    """The full bound per sample in nats: prior + all T terms (T network calls per batch). ``model``: a
+    network (with its schedule and prediction) or a :class:`Denoiser`."""
+    D = _denoiser(model, schedule, prediction)
+    cond = {**(cond or {}), **cond_kwargs}
+    total = prior_term(x0, D.schedule)
+    for step in range(D.schedule.num_timesteps):
         t = torch.full((x0.shape[0],), float(step), dtype=F64)
-        total = total + _sampled_term(model, x0, t, schedule, prediction, variance, generator, **cond)
+        total = total + _sampled_term(D, x0, t, variance, generator, cond)
     return total
 
 
@@ -188,12 +201,13 @@ def variational_bound(
 def variational_bound_mc(
     model: Callable[..., torch.Tensor],
     x0: torch.Tensor,
-    schedule: NoiseSchedule,
-    prediction: str = "epsilon",
+    schedule: NoiseSchedule | None = None,
+    prediction: str | None = None,
     num_t: int = 32,
     generator: torch.Generator | None = None,
     variance: Variance = "beta_tilde",
-    **cond,
+    cond: dict | None = None,
+    **cond_kwargs,
 ) -> torch.Tensor:
     """An unbiased estimate of :func:`variational_bound` from at most ``num_t`` network calls per sample.
 
@@ -201,14 +215,15 @@ def variational_bound_mc(
     into num_t - 1 strata whose edges are geometric (the terms fall steeply with t, so small t gets
     narrow strata); one uniform draw of t per stratum, weighted by the stratum's size. Returns
     per-sample estimates in nats."""
-    _check_prediction_for(schedule, prediction)
-    T, n = schedule.num_timesteps, x0.shape[0]
+    D = _denoiser(model, schedule, prediction)
+    cond = {**(cond or {}), **cond_kwargs}
+    T, n = D.schedule.num_timesteps, x0.shape[0]
     if not 1 <= num_t <= T:
         raise ValueError(f"num_t must lie in [1, {T}] (the schedule's num_timesteps), got {num_t}")
-    total = prior_term(x0, schedule)
+    total = prior_term(x0, D.schedule)
     for lo, hi in stratify_timesteps(T, num_t):
         t = torch.randint(lo, hi, (n,), generator=generator).to(F64)
-        term = _sampled_term(model, x0, t, schedule, prediction, variance, generator, **cond)
+        term = _sampled_term(D, x0, t, variance, generator, cond)
         total = total + (hi - lo) * term
     return total
 

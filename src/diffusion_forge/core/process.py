@@ -24,6 +24,8 @@ import torch
 
 from .schedules import NoiseSchedule
 
+F64 = torch.float64
+
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
 CONVERTIBLE = PREDICTIONS + ("score",)
 Prediction = Literal["epsilon", "sample", "v_prediction", "score"]
@@ -35,14 +37,40 @@ def check_prediction(prediction: str, allowed=PREDICTIONS) -> str:
     return prediction
 
 
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast a (batch,) or scalar tensor of coefficients against x of shape (batch, ...)."""
-    values = torch.as_tensor(values).to(device=like.device, dtype=like.dtype)
-    if values.ndim == 0:
-        return values
-    if values.ndim != 1 or values.shape[0] != like.shape[0]:
+def check_prediction_at_snr0(prediction: str, zero_snr: bool = True, hint: str = "") -> str:
+    """The one refusal of epsilon prediction where SNR = 0 (the end of a zero-terminal-SNR schedule): there
+    alpha_bar = 0 and x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) = (x_t - eps) / 0 cannot be
+    recovered from eps, while v (= -x_0 at SNR 0) and x_0 predictions stay defined (Lin et al. 2023).
+    ``zero_snr``: whether SNR 0 is reached (a zero-terminal-SNR schedule, or sigma = inf). ``hint`` is
+    appended to the message. Returns the (checked) prediction."""
+    check_prediction(prediction)
+    if zero_snr and prediction == "epsilon":
+        raise ValueError("an epsilon-prediction model cannot predict x0 at SNR 0, the end of a zero-terminal-SNR "
+                         "schedule (x0 = (x_t - eps) / 0): zero_terminal_snr needs prediction='v_prediction' or "
+                         f"'sample' (Lin et al. 2023){hint}")
+    return prediction
+
+
+def _per_sample(values, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a (batch,) or scalar tensor of coefficients against x of shape (batch, ...): the one cast
+    of a float64 schedule quantity to x's dtype (on the CPU, then to x's device)."""
+    values = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=F64)
+    if values.ndim not in (0, 1) or (values.ndim == 1 and values.shape[0] != like.shape[0]):
         raise ValueError(f"t must be a scalar or have shape (batch,) = ({like.shape[0]},), got {tuple(values.shape)}")
-    return values.reshape(-1, *([1] * (like.ndim - 1)))
+    values = values.to(like.dtype).to(like.device)
+    return values if values.ndim == 0 else values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _f64(values) -> torch.Tensor:
+    """A schedule quantity (alpha_bar, beta, ...) as float64: the coefficients are computed at this precision."""
+    return values.to(F64) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=F64)
+
+
+def _sqrt_pair(alpha_bar, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, s) = (sqrt(alpha_bar), sqrt(1 - alpha_bar)), computed in float64 and cast once to like's dtype
+    (1 - alpha_bar in float32 cancels near t = 0: 2.6e-4 relative error in s at the cosine schedule's t = 0)."""
+    ab = _f64(alpha_bar)
+    return _per_sample(ab.sqrt(), like), _per_sample((1 - ab).sqrt(), like)
 
 
 def _lookup(table: torch.Tensor, schedule: NoiseSchedule, t) -> torch.Tensor:
@@ -65,14 +93,14 @@ def _check_same_shape(**tensors: torch.Tensor) -> None:
 def q_sample(x0: torch.Tensor, t, noise: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (t may be fractional)."""
     _check_same_shape(x0=x0, noise=noise)
-    ab = _per_sample(schedule.alpha_bar_at(t), x0)
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    a, s = _sqrt_pair(schedule.alpha_bar_at(t), x0)
+    return a * x0 + s * noise
 
 
 def q_mean_var(x0: torch.Tensor, t, schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean sqrt(alpha_bar_t) x_0 and variance 1 - alpha_bar_t of q(x_t | x_0)."""
-    ab = _per_sample(schedule.alpha_bar_at(t), x0)
-    return ab.sqrt() * x0, (1 - ab).expand_as(x0)
+    ab = _f64(schedule.alpha_bar_at(t))
+    return _per_sample(ab.sqrt(), x0) * x0, _per_sample(1 - ab, x0).expand_as(x0)
 
 
 def q_step(x_prev: torch.Tensor, t, noise: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
@@ -80,8 +108,8 @@ def q_step(x_prev: torch.Tensor, t, noise: torch.Tensor, schedule: NoiseSchedule
 
     Applied for t = 0, 1, ..., k starting from the data, it reaches q(x_k | x_0)."""
     _check_same_shape(x_prev=x_prev, noise=noise)
-    beta = _per_sample(_lookup(schedule.betas, schedule, t), x_prev)
-    return (1 - beta).sqrt() * x_prev + beta.sqrt() * noise
+    beta = _lookup(schedule.betas, schedule, t)
+    return _per_sample((1 - beta).sqrt(), x_prev) * x_prev + _per_sample(beta.sqrt(), x_prev) * noise
 
 
 def posterior_coefficients(schedule: NoiseSchedule, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,8 +138,7 @@ def to_x0_eps(pred: torch.Tensor, prediction: Prediction, x_t: torch.Tensor,
     """(x_0, eps) implied by a prediction of the given kind at noise level alpha_bar (per sample)."""
     check_prediction(prediction, CONVERTIBLE)
     _check_same_shape(pred=pred, x_t=x_t)
-    ab = _per_sample(alpha_bar, x_t)
-    a, s = ab.sqrt(), (1 - ab).sqrt()
+    a, s = _sqrt_pair(alpha_bar, x_t)
     if prediction in ("epsilon", "score"):
         eps = pred if prediction == "epsilon" else -s * pred          # score = -eps / s
         return (x_t - s * eps) / a, eps                                # x_0 = (x_t - s eps) / a
@@ -123,8 +150,7 @@ def to_x0_eps(pred: torch.Tensor, prediction: Prediction, x_t: torch.Tensor,
 def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, prediction: Prediction, alpha_bar) -> torch.Tensor:
     """The prediction of the given kind that (x_0, eps) correspond to."""
     check_prediction(prediction, CONVERTIBLE)
-    ab = _per_sample(alpha_bar, x0)
-    a, s = ab.sqrt(), (1 - ab).sqrt()
+    a, s = _sqrt_pair(alpha_bar, x0)
     return {"epsilon": lambda: eps, "sample": lambda: x0,
             "v_prediction": lambda: a * eps - s * x0, "score": lambda: -eps / s}[prediction]()
 

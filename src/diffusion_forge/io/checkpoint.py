@@ -10,6 +10,10 @@ A training run keeps its checkpoints under ``RUN/checkpoints/``, one folder per 
                                 the optimiser's non-tensor parts, EMA counters, loss scaler,
                                 RNG states (base64), and a SHA-256 of each tensor file
 
+Format versions: 1 (the first release) records a flat config; 2 records the nested config
+(``training.config``: sections data, diffusion, model, ...) and, in ``extra``, the network's
+``diffusion_config`` (schedule, prediction, null condition) and ``num_classes``. Both are read.
+
 No pickle anywhere: safetensors for tensors, JSON for the rest. A checkpoint folder is written
 under a temporary name and renamed into place once every file is complete and synced, so it
 appears whole or not at all; a crash mid-write leaves the previous checkpoints untouched. Only the
@@ -39,7 +43,7 @@ if TYPE_CHECKING:
     from ..core.schedules import NoiseSchedule
 
 FORMAT = "diffusion_forge.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TENSOR_FILES = ("model", "ema", "optimizer")
 
@@ -126,18 +130,19 @@ def _state_dict(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
 
 
-def save_checkpoint(
-    root: str | os.PathLike,
-    step: int,
-    model,
-    ema=None,
-    optimizer=None,
-    scaler=None,
-    config: dict | None = None,
-    extra: dict | None = None,
-    keep: int = 3,
-    save_rng: bool = True,
-) -> Path:
+def _save_tensors(tensors: dict, path: Path) -> None:
+    """safetensors' writer; its I/O errors (a full disk: "code: 28") become the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    except Exception as e:
+        code = re.search(r"code: (\d+)", str(e)) if type(e).__name__ == "SafetensorError" else None
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, model, ema=None, optimizer=None, scaler=None,
+                    config: dict | None = None, extra: dict | None = None, keep: int = 3, save_rng: bool = True) -> Path:
     """Write ``root/step-<step>/`` atomically and keep only the newest ``keep`` checkpoints.
 
     ``model`` is an ``nn.Module`` (unwrapped) or a state dict; ``ema`` an :class:`~.ema.EMA`;
@@ -164,7 +169,7 @@ def save_checkpoint(
             state["rng"] = rng_state()
         for name, tensors in files.items():
             path = tmp / f"{name}.safetensors"
-            save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+            _save_tensors(tensors, path)
             fsync_file(path)
             state["files"][name] = _sha256(path)
         write_json(tmp / "state.json", state)
@@ -277,10 +282,7 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     if not (path / "state.json").exists() and (list_checkpoints(path) or (path / "checkpoints").is_dir()):
-        found = latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"{path} holds no complete checkpoint yet")
-        return found
+        return _newest_or_raise(path, verify)
     state_file = path / "state.json"
     if not state_file.is_file():
         raise CheckpointError(f"{path} is not a Diffusion Forge checkpoint (no state.json)")
@@ -308,26 +310,81 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
     return Checkpoint(path, state)
 
 
+def _checkpoint_root(root: Path) -> Path:
+    return root / "checkpoints" if (root / "checkpoints").is_dir() else root
+
+
+def _newest_valid(root: Path, verify: bool = True) -> tuple[Checkpoint | None, list[CheckpointError]]:
+    """The newest valid checkpoint under ``root`` and the errors of the newer ones that are not."""
+    failures = []
+    for path in reversed(list_checkpoints(_checkpoint_root(Path(root)))):
+        try:
+            return load_checkpoint(path, verify=verify), failures
+        except CheckpointError as e:
+            failures.append(e)
+    return None, failures
+
+
+def _warn_skipped(failures: list[CheckpointError]) -> None:
+    for e in failures:
+        warnings.warn(f"skipping checkpoint: {e}", UserWarning, stacklevel=3)
+
+
+def _newest_or_raise(root: Path, verify: bool = True) -> Checkpoint:
+    """The newest valid checkpoint, or why there is none: none written yet, or N corrupt ones (named, why)."""
+    found, failures = _newest_valid(root, verify)
+    if found is None and not failures:
+        raise CheckpointError(f"{root} holds no complete checkpoint yet (training writes one every "
+                              f"run.checkpoint_every steps); train it first: dforge train --out {root}")
+    if found is None:
+        raise CheckpointError(f"{root} holds {len(failures)} corrupt checkpoint{'s' * (len(failures) > 1)} and no "
+                              f"valid one: {'; '.join(map(str, failures))}. Restore the run folder from a copy, or "
+                              "train again into a new folder")
+    _warn_skipped(failures)
+    return found
+
+
 def latest_checkpoint(root: str | os.PathLike, verify: bool = True) -> Checkpoint | None:
     """The newest valid checkpoint under ``root`` (a run folder or its ``checkpoints/``), or None.
     A corrupt newer one is skipped with a warning naming it."""
-    root = Path(root)
-    if (root / "checkpoints").is_dir():
-        root = root / "checkpoints"
-    for path in reversed(list_checkpoints(root)):
-        try:
-            return load_checkpoint(path, verify=verify)
-        except CheckpointError as e:
-            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
-    return None
+    found, failures = _newest_valid(Path(root), verify)
+    _warn_skipped(failures)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
 # A trained model, ready to sample
 
+# Where the nested config (format_version 2) keeps what the loader reads, and its flat name of version 1.
+FLAT_NAMES = {"diffusion.prediction": "prediction", "data.source": "data", "sample.sampler": "sampler",
+              "sample.steps": "sample_steps", "sample.options": "sampler_options", "sample.n": "sample_n",
+              "conditioning.num_classes": "num_classes"}
+
+
+def config_value(config: dict, dotted: str, default=None):
+    """``config["section"]["key"]`` of a nested config, or the key's flat name in a version-1 config."""
+    section, key = dotted.split(".", 1)
+    if isinstance(config.get(section), dict):
+        return config[section].get(key, default)
+    return config.get(FLAT_NAMES.get(dotted, key), default)
+
+
+def nested_config(config: dict) -> dict:
+    """A checkpoint's config as the nested dict of ``training.config`` (a flat version-1 one converted);
+    as saved while that module is not there to convert it."""
+    try:
+        from ..training.config import Config
+    except ImportError:
+        return dict(config)
+    try:
+        return Config.from_dict(config).to_dict()
+    except ValueError as e:
+        raise CheckpointError(f"the run's config does not fit this version of diffusion_forge: {e}") from e
+
+
 @dataclass
 class TrainedModel:
-    """What sampling needs from a run: the network and the process it was trained for."""
+    """A network and the process it was trained for (what a run gave before ``denoise.Denoiser``)."""
 
     model: torch.nn.Module
     schedule: NoiseSchedule
@@ -338,33 +395,71 @@ class TrainedModel:
     num_classes: int = 0
 
 
-def load_model_from_run(run_dir: str | os.PathLike, use_ema: bool = True, step: int | None = None,
-                        device: str | torch.device = "cpu") -> TrainedModel:
-    """Rebuild the network of a run folder written by ``dforge train`` and load its newest (or
-    ``step``'s) weights, the EMA average by default. Returns a :class:`TrainedModel` in eval mode."""
-    from ..models import build_model
-    from ..core.schedules import NoiseSchedule
-
+def find_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> Checkpoint:
+    """The checkpoint of a run folder to sample: the newest valid one (corrupt newer ones skipped with a
+    warning), or the one of ``step``. CheckpointError says what is wrong: no such folder, not a run folder,
+    no checkpoint yet, N corrupt checkpoints (named, with why), or the steps there are."""
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise CheckpointError(f"no run folder at {run_dir}: it does not exist")
     if not run_dir.is_dir():
-        raise CheckpointError(f"no run folder at {run_dir}")
-    if step is None:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise CheckpointError(f"{run_dir} holds no checkpoint yet (is it a run folder of `dforge train`?)")
-    else:
-        ckpt = load_checkpoint(run_dir / "checkpoints" / f"step-{step:08d}")
-    cfg = ckpt.config
+        raise CheckpointError(f"{run_dir} is a file, not a run folder of `dforge train`")
+    if (run_dir / "state.json").is_file():      # a checkpoint folder itself
+        return load_checkpoint(run_dir)
+    root = _checkpoint_root(run_dir)
+    if root == run_dir and not (run_dir / "config.json").is_file() and not list_checkpoints(run_dir):
+        raise CheckpointError(f"{run_dir} is not a run folder of `dforge train` (it has no config.json and no "
+                              "checkpoints/ folder)")
+    if step is not None:
+        wanted = root / f"step-{int(step):08d}"
+        if not wanted.is_dir():
+            steps = [int(STEP_DIR.match(p.name).group(1)) for p in list_checkpoints(root)]
+            there = f"its checkpoints are of step {', '.join(map(str, steps))}" if steps else "it holds no checkpoint"
+            raise CheckpointError(f"{run_dir} has no checkpoint of step {step}; {there}")
+        return load_checkpoint(wanted)
+    return _newest_or_raise(run_dir)
+
+
+def load_model_from_run(run_dir: str | os.PathLike, use_ema: bool = True, step: int | None = None,
+                        device: str | torch.device | None = "cpu"):
+    """Rebuild the network of a run folder written by ``dforge train`` and load its newest (or ``step``'s)
+    weights, the EMA average by default, in eval mode. Returns a ``Denoiser`` (``D(x, sigma) -> x0`` with the
+    run's schedule and prediction type) with ``.config`` (nested), ``.step``, ``.num_classes`` and
+    ``.sample_shape``; its ``.model`` carries ``diffusion_config``. Reads format versions 1 and 2."""
+    from ..core.schedules import NoiseSchedule
+    from ..device import resolve_device
+    from ..models import build_model
+
+    device = resolve_device(device)
+    ckpt = find_checkpoint(run_dir, step)
     extra = ckpt.state.get("extra", {})
-    if "model_config" not in extra:
-        raise CheckpointError(f"{ckpt.path} does not record its model configuration")
+    for key in ("model_config", "sample_shape"):
+        if key not in extra:
+            raise CheckpointError(f"{ckpt.path} does not record its {key} (state.json is incomplete)")
+    config = nested_config(ckpt.config)
+    # what the network was trained for: recorded whole by version 2, in pieces by version 1
+    diffusion = dict(extra.get("diffusion_config") or {})
+    diffusion.setdefault("schedule", extra.get("schedule"))
+    diffusion.setdefault("prediction", config_value(config, "diffusion.prediction"))
+    if diffusion["schedule"] is None or diffusion["prediction"] is None:
+        raise CheckpointError(f"{ckpt.path} records no noise schedule or prediction type")
+    num_classes = int(extra.get("num_classes") or config_value(config, "conditioning.num_classes") or 0)
+    diffusion.setdefault("null_cond", {"class_labels": num_classes} if num_classes else None)
+
     model = build_model(dict(extra["model_config"]))
     which = "ema" if use_ema and ckpt.has("ema") else "model"
     if use_ema and which != "ema":
-        warnings.warn(f"{ckpt.path} has no EMA weights; using the trained weights", stacklevel=2)
+        warnings.warn(f"{ckpt.path} has no EMA weights; using the trained weights", UserWarning, stacklevel=2)
     _load_strict(model, ckpt.tensors(which), ckpt.path / f"{which}.safetensors")
     model = model.to(device).eval().requires_grad_(False)
-    schedule = NoiseSchedule.from_dict(extra["schedule"])
-    return TrainedModel(model=model, schedule=schedule, prediction=cfg["prediction"],
-                        sample_shape=tuple(extra["sample_shape"]), config=cfg, step=ckpt.step,
-                        num_classes=int(extra.get("num_classes", 0)))
+    model.diffusion_config = diffusion
+    sample_shape = tuple(int(v) for v in extra["sample_shape"])
+    try:
+        from ..denoise import Denoiser
+    except ImportError:   # before the denoise package exists: the same attributes, as a plain record
+        return TrainedModel(model=model, schedule=NoiseSchedule.from_dict(diffusion["schedule"]),
+                            prediction=diffusion["prediction"], sample_shape=sample_shape, config=config,
+                            step=ckpt.step, num_classes=num_classes)
+    denoiser = Denoiser(model, sample_shape=sample_shape).eval()
+    denoiser.config, denoiser.step, denoiser.num_classes = config, ckpt.step, num_classes
+    return denoiser

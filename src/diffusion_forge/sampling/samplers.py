@@ -8,7 +8,8 @@ Every sampler integrates from sigma_0 down to sigma_N = 0 in sigma space, x = x_
 Exponential integrators (DPM-Solver++, UniPC, DEIS) use lambda = -log sigma (half the log-SNR), in which the
 ODE is solved exactly up to the polynomial model of D or eps_hat. The sigma grid (the model's own sigmas at
 spaced timesteps, Karras', exponential) is an option of every sampler, chosen in :func:`sample`; the
-samplers only see a list of sigmas. Each takes ``(D, x, sigmas, noise, callback, **options)`` and returns
+samplers only see a list of sigmas. Each takes ``(D, x, sigmas, noise, callback, **options)``, calls
+``D(x, sigma)`` with a Python float sigma (the denoiser broadcasts it over the batch), and returns
 x at sigma = 0. The last step always lands on sigma = 0: the exponential integrators and single-step methods
 take it as the data prediction itself (as k-diffusion and diffusers do); the multistep methods in sigma
 (lms, ipndm, pndm) integrate their polynomial down to 0.
@@ -16,17 +17,24 @@ take it as the data prediction itself (as k-diffusion and diffusers do); the mul
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
-from ..core.process import check_prediction
-from .utils import Denoiser, Noise, lagrange_weights, per_sample_generators, start, work_dtype
-from ..core.schedules import NoiseSchedule, SIGMA_GRIDS, SPACINGS
+from .utils import lagrange_weights
 
-__all__ = ["sample", "SAMPLERS", "DEFAULT_SAMPLERS", "default_sampler", "steps_for_budget"]
+# the registry and the entry point moved to sampling/registry.py and sampling/api.py; old imports keep working
+_MOVED = {"SAMPLERS": "registry", "SamplerSpec": "registry", "DEFAULT_SAMPLERS": "registry",
+          "default_sampler": "registry", "steps_for_budget": "registry", "resolve_sampler": "registry",
+          "sample": "api"}
+
+
+def __getattr__(name):
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _noop(*args):
@@ -378,182 +386,3 @@ def sample_unipc(D, x, sigmas, noise=None, callback=_noop, order=2, variant="bh2
         p = 1 if s_next == 0 else _usable_order(order, h, [a - b for a, b in zip(lams[:-1], lams[1:])])
         x_prev, x = x, _unipc_update(x, s, s_next, lams[:p], x0s[:p], variant)
     return x
-
-
-# ---------------------------------------------------------------------------------------------
-# The registry
-
-@dataclass(frozen=True)
-class SamplerSpec:
-    """A sampler: its function, its network evaluations for n steps, and the options it takes with their
-    defaults. ``order`` is the global order of convergence on the probability-flow ODE (with eta = 0 where
-    the sampler takes eta; None for DDPM), as tests/test_samplers.py measures it on Karras' grid
-    (sigma 80 -> 0.02, rho = 7, 64 / 128 / 256 steps). Multistep methods warm up with lower-order steps
-    (no extra NFE), which caps some below the order of their formula: DPM-Solver++(3M)'s first-order first
-    step makes it 2; iPNDM's and PNDM's fixed Adams-Bashforth coefficients are 4th order only on steps
-    equal in sigma, 2 on other smooth grids. UniPC's corrector keeps its warm-up at full order."""
-    fn: Callable
-    nfe_formula: Callable[[int, dict], int]
-    order: int | None
-    options: dict = field(default_factory=dict)
-    stochastic: bool = False
-
-    def nfe(self, steps: int, **options) -> int:
-        """Network evaluations for ``steps`` steps with these options (on every grid: at a sigma = inf start
-        the closed-form step from SNR 0 stands in for the first step)."""
-        return self.nfe_formula(steps, {**self.options, **options})
-
-    def steps_for(self, budget: int, **options) -> int:
-        """The largest step count whose NFE fits in ``budget`` (0 if none)."""
-        n = 0
-        while self.nfe(n + 1, **options) <= budget:
-            n += 1
-        return n
-
-
-def _one_per_step(n, o):
-    return n
-
-
-def _two_stage_nfe(n, o):  # two evaluations a step, one on the last (and on the first with euler_start)
-    return 2 * n - 1 - (1 if o["euler_start"] and n > 1 else 0)
-
-
-def _ipndm_nfe(n, o):  # the free first and last steps need a step after / before them
-    return n - (n > 1) * (int(o["afs"]) + int(o["free_last_step"]))
-
-
-def _pndm_nfe(n, o):  # four evaluations on each Runge-Kutta step
-    first = int(o["euler_start"])
-    return n + 3 * max(0, min(first + 3, n - 1) - first)
-
-
-SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec(sample_ddpm, _one_per_step, None, {"variance": "beta_tilde"}, stochastic=True),
-    "ddim": SamplerSpec(sample_euler_ancestral, _one_per_step, 1, {"eta": 0.0, "s_noise": 1.0}),
-    "euler": SamplerSpec(sample_euler, _one_per_step, 1),
-    "euler_ancestral": SamplerSpec(sample_euler_ancestral, _one_per_step, 1, {"eta": 1.0, "s_noise": 1.0}, True),
-    "heun": SamplerSpec(sample_heun, _two_stage_nfe, 2, {"euler_start": True}),
-    "dpm_2": SamplerSpec(sample_dpm_2, _two_stage_nfe, 2, {"euler_start": True}),
-    "lms": SamplerSpec(sample_lms, _one_per_step, 4, {"order": 4}),
-    "pndm": SamplerSpec(sample_pndm, _pndm_nfe, 2, {"euler_start": True}),
-    "ipndm": SamplerSpec(sample_ipndm, _ipndm_nfe, 2, {"afs": False, "free_last_step": False}),
-    "deis": SamplerSpec(sample_deis, _one_per_step, 3, {"order": 3}),
-    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, _one_per_step, 2),
-    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, _one_per_step, 2, {"eta": 1.0, "s_noise": 1.0}, True),
-    "dpmpp_3m_sde": SamplerSpec(sample_dpmpp_3m_sde, _one_per_step, 2, {"eta": 1.0, "s_noise": 1.0}, True),
-    "unipc": SamplerSpec(sample_unipc, _one_per_step, 3, {"order": 2, "variant": "bh2"}),
-}
-
-# The most accurate sampler for an NFE budget on the default grid (sigmas="default", spacing="trailing"), as
-# benchmarks/samplers.py measures it (tests/test_samplers.py re-measures it); a budget uses the largest key <= it.
-DEFAULT_SAMPLERS: dict[int, str] = {1: "ipndm", 5: "ipndm", 10: "ipndm", 20: "ipndm", 50: "lms"}
-
-
-def _check_sampler(name: str) -> SamplerSpec:
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
-
-
-def _check_steps(steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    return int(steps)
-
-
-def default_sampler(budget: int) -> str:
-    """The sampler :func:`sample` picks when none is named, for an NFE budget."""
-    budget = _check_steps(budget)
-    return DEFAULT_SAMPLERS[max(k for k in DEFAULT_SAMPLERS if k <= budget)]
-
-
-def steps_for_budget(sampler: str, budget: int) -> int:
-    """The largest step count of ``sampler`` whose NFE fits in ``budget``."""
-    return _check_sampler(sampler).steps_for(_check_steps(budget))
-
-
-# ---------------------------------------------------------------------------------------------
-# The entry point
-
-def _model_device_dtype(model, device, dtype):
-    param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-    device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
-    dtype = dtype or (param.dtype if param is not None and param.is_floating_point() else torch.float32)
-    return device, dtype
-
-
-@torch.no_grad()
-def sample(model: Callable, schedule: NoiseSchedule, shape, sampler: str | None = None, steps: int = 20,
-           prediction: str = "epsilon", generator=None, sigmas: str = "default", spacing: str = "trailing",
-           callback: Callable | None = None, clip_x0: bool | float = False,
-           dynamic_threshold: float | tuple[float, float] | None = None, eta: float | None = None,
-           s_noise: float | None = None, sampler_options: dict | None = None, scheduler=None,
-           device=None, dtype: torch.dtype | None = None, **cond) -> torch.Tensor:
-    """Draw ``shape[0]`` samples from ``model(x_t, t, **cond)`` trained on ``schedule``.
-
-    sampler: a name from ``SAMPLERS`` (``steps`` is then its number of steps), or None for the most accurate
-        sampler whose network evaluations fit in ``steps`` (``steps`` is then the NFE budget; see
-        :func:`default_sampler`).
-    sigmas, spacing: the grid, an option of every sampler: "default" (the model's own sigmas at timesteps
-        spaced "leading", "trailing" or "linspace", as diffusers does), "karras" or "exponential" (between
-        the schedule's sigma_min and sigma_max; spacing is then unused). The default spacing is "trailing",
-        which starts at the last training step (pure noise) for every step count (Lin et al. 2023).
-    prediction: what the model predicts: "epsilon", "sample" or "v_prediction".
-    generator: a CPU ``torch.Generator`` or a list with one per sample; the noise of sample i comes from its
-        own generator, so a seed gives the same sample whatever else is in the batch.
-    callback: called at every step with a dict of ``step``, ``x_t`` (the model's input), ``t`` (float
-        timestep), ``sigma`` and ``x0`` (the clean-data prediction).
-    clip_x0: clamp the x0 prediction to [-1, 1] (or [-c, c] for a number c). dynamic_threshold: Imagen's
-        quantile p (or (p, max_value)).
-    eta, s_noise, sampler_options: options of the samplers that take them (``SAMPLERS[name].options``).
-    scheduler: a diffusers scheduler instance instead of ``sampler``: runs its own loop (see interop.py).
-    Returns a tensor of ``shape`` in ``dtype`` (default: the model's parameter dtype, else float32).
-    """
-    check_prediction(prediction)
-    shape = tuple(int(v) for v in shape)
-    if scheduler is not None:
-        if sampler is not None:
-            raise ValueError("pass either sampler= or scheduler=, not both")
-        from ..interop.schedulers import sample_with_scheduler
-        return sample_with_scheduler(model, scheduler, shape, steps=steps, prediction=prediction,
-                                     generator=generator, callback=callback, device=device, dtype=dtype, **cond)
-    steps = _check_steps(steps)
-    if sampler is None:
-        sampler = default_sampler(steps)
-        steps = max(1, SAMPLERS[sampler].steps_for(steps, **(sampler_options or {})))
-    spec = _check_sampler(sampler)
-    options = dict(spec.options)
-    for key, value in {"eta": eta, "s_noise": s_noise, **(sampler_options or {})}.items():
-        if value is None:
-            continue
-        if key not in options:
-            raise ValueError(f"sampler {sampler!r} takes no option {key!r}; its options: "
-                             f"{', '.join(options) or 'none'}")
-        options[key] = value
-    if sigmas not in SIGMA_GRIDS:
-        raise ValueError(f"unknown sigmas {sigmas!r}; choose one of: {', '.join(SIGMA_GRIDS)}")
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
-    grid = schedule.sigma_grid(steps, sigmas, spacing)
-
-    device, dtype = _model_device_dtype(model, device, dtype)
-    D = Denoiser(model, schedule, prediction, cond, dtype, clip_x0, dynamic_threshold)
-    noise = Noise(per_sample_generators(generator, shape[0]), shape, device, work_dtype(device))
-    offset = 0
-
-    def report(i, x, sigma, x0):
-        x_t = x if math.isinf(sigma) else x / math.sqrt(1 + sigma * sigma)
-        callback({"step": i + offset, "x_t": x_t.to(dtype), "t": float(schedule.t_for_sigma(sigma)),
-                  "sigma": sigma, "x0": x0.to(dtype)})
-
-    cb = report if callback is not None else _noop
-    up_fraction = min(1.0, options.get("eta", 1.0 if spec.stochastic else 0.0))  # new noise from SNR 0
-    x, grid = start(D, noise, grid, up_fraction, cb)
-    offset = steps + 1 - len(grid)
-    if offset and "euler_start" in options:  # the step from SNR 0 was that first-order first step
-        options["euler_start"] = False
-    if offset and "afs" in options:  # ... and it took the first step from pure noise, with its evaluation
-        options["afs"] = False
-    x = spec.fn(D, x, grid.tolist(), noise, cb, **options)
-    return x.to(dtype)

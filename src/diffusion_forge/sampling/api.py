@@ -1,0 +1,133 @@
+"""``df.sample``: draw samples from a network and its schedule, or from a (wrapped) Denoiser."""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import torch
+
+from ..core.schedules import SIGMA_GRIDS, SPACINGS, NoiseSchedule
+from ..denoise.denoiser import ClipX0, DenoiserBase, DynamicThreshold, as_denoiser
+from ..device import model_device_dtype
+from .registry import SAMPLERS, resolve_sampler
+from .utils import Noise, per_sample_generators, start, work_dtype
+
+__all__ = ["sample", "check_cond"]
+
+
+def _noop(*args):
+    pass
+
+
+def check_cond(cond) -> dict:
+    """The conditioning dict passed to the network as keyword arguments ({} for none)."""
+    if cond is None:
+        return {}
+    if not isinstance(cond, dict):
+        raise ValueError(f"cond must be a dict of keyword arguments for the network (e.g. "
+                         f"{{'class_labels': labels}}), got {type(cond).__name__}")
+    return dict(cond)
+
+
+def apply_x0_wrappers(D: DenoiserBase, clip_x0: bool | float = False,
+                      dynamic_threshold: float | tuple[float, float] | None = None) -> DenoiserBase:
+    """``clip_x0`` (True: [-1, 1]; a number c: [-c, c]) -> :class:`ClipX0`; ``dynamic_threshold`` (a quantile
+    p or (p, max_value)) -> :class:`DynamicThreshold`."""
+    if clip_x0 is not False and clip_x0 is not None and dynamic_threshold is not None:
+        raise ValueError("pass clip_x0 or dynamic_threshold, not both (thresholding already bounds x0)")
+    if dynamic_threshold is not None:
+        p, top = (dynamic_threshold, math.inf) if isinstance(dynamic_threshold, (int, float)) else dynamic_threshold
+        return DynamicThreshold(D, p, top)
+    if clip_x0 is not False and clip_x0 is not None:
+        return ClipX0(D, 1.0 if clip_x0 is True else clip_x0)
+    return D
+
+
+def _check_shape(shape) -> tuple[int, ...]:
+    if shape is None:
+        raise ValueError("shape= is required: (batch, *sample_shape), e.g. (16, 1, 28, 28)")
+    shape = tuple(int(v) for v in shape)
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"shape must be (batch, *sample_shape) with positive sizes, got {shape}")
+    return shape
+
+
+@torch.no_grad()
+def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None, shape=None,
+           sampler: str | None = None, steps: int = 20, prediction: str | None = None, generator=None,
+           sigmas: str = "default", spacing: str = "trailing", callback: Callable | None = None,
+           cond: dict | None = None, clip_x0: bool | float = False,
+           dynamic_threshold: float | tuple[float, float] | None = None, eta: float | None = None,
+           s_noise: float | None = None, sampler_options: dict | None = None, device=None,
+           dtype: torch.dtype | None = None, scheduler=None) -> torch.Tensor:
+    """Draw ``shape[0]`` samples from ``model(x_t, t, **cond)`` trained on ``schedule``, or from a (wrapped)
+    :class:`~diffusion_forge.Denoiser` passed in place of both (``sample(D, shape=...)``).
+
+    schedule, prediction: for a network, default to its ``diffusion_config`` (else: schedule required,
+        prediction "epsilon"); one that contradicts it, or the Denoiser's, is an error.
+    sampler: a name from ``SAMPLERS`` (``steps`` is then its number of steps), or None for the most accurate
+        sampler whose network evaluations fit in ``steps`` (then the NFE budget; ``registry.resolve_sampler``).
+    sigmas, spacing: the grid, an option of every sampler: "default" (the model's own sigmas at timesteps
+        spaced "leading", "trailing" or "linspace", as diffusers does), "karras" or "exponential" (between
+        the schedule's sigma_min and sigma_max; spacing is then unused). The default spacing is "trailing",
+        which starts at the last training step (pure noise) for every step count (Lin et al. 2023).
+    generator: a CPU ``torch.Generator`` or a list with one per sample; the noise of sample i comes from its
+        own generator, so a seed gives the same sample whatever else is in the batch.
+    callback: called at every step with a dict of ``step``, ``x_t`` (the model's input), ``t`` (float
+        timestep), ``sigma`` and ``x0`` (the clean-data prediction).
+    cond: the conditioning, one dict of keyword arguments of the network (e.g. ``{"class_labels": y}``).
+    clip_x0: clamp the x0 prediction to [-1, 1] (or [-c, c] for a number c): :class:`ClipX0`.
+        dynamic_threshold: Imagen's quantile p (or (p, max_value)): :class:`DynamicThreshold`.
+    eta, s_noise, sampler_options: options of the samplers that take them (``SAMPLERS[name].options``).
+    scheduler: a diffusers scheduler instead of ``sampler``: runs its own loop
+        (:func:`diffusion_forge.interop.schedulers.sample_with_scheduler`, the same callback contract).
+    Returns a tensor of ``shape`` in the denoiser's space, in ``dtype`` (default: the network's dtype).
+    """
+    if isinstance(model, DenoiserBase):
+        D = as_denoiser(model, schedule, prediction)
+        device, _ = model_device_dtype(D, device, None)
+        dtype = dtype or D.model_dtype
+    else:
+        device, dtype = model_device_dtype(model, device, dtype)
+        D = as_denoiser(model, schedule, prediction, model_dtype=dtype)
+    shape, cond = _check_shape(shape), check_cond(cond)
+    if scheduler is not None:
+        if sampler is not None:
+            raise ValueError("pass either sampler= or scheduler=, not both")
+        if (clip_x0 is not False and clip_x0 is not None) or dynamic_threshold is not None:
+            raise ValueError("clip_x0 / dynamic_threshold apply to our samplers; a diffusers scheduler has its "
+                             "own (clip_sample, thresholding in its config)")
+        from ..interop.schedulers import sample_with_scheduler
+        return sample_with_scheduler(D, scheduler, shape, steps=steps, generator=generator, callback=callback,
+                                     device=device, dtype=dtype, cond=cond)
+    D = apply_x0_wrappers(D, clip_x0, dynamic_threshold)
+    name, steps, options = resolve_sampler(sampler, steps, {"eta": eta, "s_noise": s_noise, **(sampler_options or {})})
+    spec = SAMPLERS[name]
+    if sigmas not in SIGMA_GRIDS:
+        raise ValueError(f"unknown sigmas {sigmas!r}; choose one of: {', '.join(SIGMA_GRIDS)}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
+    sched = D.schedule
+    grid = sched.sigma_grid(steps, sigmas, spacing)
+
+    noise = Noise(per_sample_generators(generator, shape[0]), shape, device, work_dtype(device))
+    cond = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+    denoise = functools.partial(D, **cond) if cond else D  # D(x, sigma): the samplers' view
+    offset = 0
+
+    def report(i, x, sigma, x0):
+        x_t = x if math.isinf(sigma) else x / math.sqrt(1 + sigma * sigma)  # x_t = x sqrt(alpha_bar)
+        callback({"step": i + offset, "x_t": x_t.to(dtype), "t": float(sched.t_for_sigma(sigma)),
+                  "sigma": sigma, "x0": x0.to(dtype)})
+
+    cb = report if callback is not None else _noop
+    up_fraction = min(1.0, options.get("eta", 1.0 if spec.stochastic else 0.0))  # new noise from SNR 0
+    x, grid = start(denoise, noise, grid, up_fraction, cb)
+    offset = steps + 1 - len(grid)
+    if offset and "euler_start" in options:  # the step from SNR 0 was that first-order first step
+        options["euler_start"] = False
+    if offset and "afs" in options:  # ... and it took the first step from pure noise, with its evaluation
+        options["afs"] = False
+    x = spec.fn(denoise, x, grid.tolist(), noise, cb, **options)
+    return x.to(dtype)

@@ -1,0 +1,72 @@
+"""THE seeded, batched generation loop: the trainer's grids, evaluation, viz, the CLI and the demo use it.
+
+Sample i is drawn with its own CPU generator ``torch.Generator().manual_seed(seed + i)``, so a sample depends
+on its seed only, not on ``n`` or ``batch_size``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..denoise.denoiser import as_denoiser
+from ..device import model_device_dtype
+from .api import check_cond, sample
+
+__all__ = ["generate", "slice_cond"]
+
+
+def slice_cond(cond: dict, lo: int, hi: int, n: int) -> dict:
+    """The rows lo..hi of a cond dict of per-sample values (tensors, lists or tuples of length n)."""
+    out = {}
+    for key, value in cond.items():
+        if not isinstance(value, (torch.Tensor, list, tuple)) or len(value) != n:
+            size = len(value) if isinstance(value, (torch.Tensor, list, tuple)) else type(value).__name__
+            raise ValueError(f"cond[{key!r}] must hold one value per sample (length {n}), got {size}")
+        out[key] = value[lo:hi]
+    return out
+
+
+@torch.no_grad()
+def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps: int = 20,
+             sampler_options: dict | None = None, cond: dict | None = None, batch_size: int = 256, device=None,
+             progress: bool = False, callback: Callable | None = None, sigmas: str = "default",
+             spacing: str = "trailing", sample_shape=None) -> torch.Tensor:
+    """``n`` samples from a (wrapped) Denoiser (or a loaded run holding ``.model``, ``.schedule``,
+    ``.prediction``), as a float32 CPU tensor of shape (n, *sample_shape), in the denoiser's space.
+
+    Sample i uses ``torch.Generator().manual_seed(seed + i)``. ``sampler``, ``steps``, ``sampler_options``:
+    as :func:`diffusion_forge.sample` (None: the sampler for the NFE budget ``steps``). ``cond``: a dict of
+    per-sample tensors of length n, sliced per batch. ``sample_shape`` defaults to ``denoiser.sample_shape``.
+    ``callback`` gets each step's dict of every batch, with ``"batch": (lo, hi)`` added. ``progress``: a
+    tqdm bar over samples. The denoiser runs in eval mode (its training flag is restored after)."""
+    D = as_denoiser(denoiser)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    shape = sample_shape if sample_shape is not None else D.sample_shape
+    if shape is None:
+        raise ValueError("the denoiser has no sample_shape; pass sample_shape= (one sample's shape, e.g. (1, 28, 28))")
+    shape = tuple(int(v) for v in shape)
+    cond = check_cond(cond)
+    device = model_device_dtype(D, device)[0]
+    from tqdm.auto import tqdm
+
+    was_training = D.training
+    D.eval()
+    out = []
+    try:
+        with tqdm(total=n, unit="sample", desc="sampling", disable=not progress, leave=False) as bar:
+            for lo in range(0, n, batch_size):
+                hi = min(n, lo + batch_size)
+                gens = [torch.Generator().manual_seed(seed + i) for i in range(lo, hi)]
+                cb = None if callback is None else (lambda info, lo=lo, hi=hi: callback({**info, "batch": (lo, hi)}))
+                x = sample(D, shape=(hi - lo, *shape), sampler=sampler, steps=steps, generator=gens,
+                           sigmas=sigmas, spacing=spacing, callback=cb, cond=slice_cond(cond, lo, hi, n),
+                           sampler_options=sampler_options, device=device)
+                out.append(x.float().cpu())
+                bar.update(hi - lo)
+    finally:
+        D.train(was_training)
+    return torch.cat(out)

@@ -1,0 +1,144 @@
+"""The sampler registry and the ONE rule that picks a sampler wherever the toolkit samples.
+
+``SAMPLERS[name]`` is a :class:`SamplerSpec`: the function, its network evaluations for n steps (NFE), its
+order and its options with their defaults. :func:`resolve_sampler` turns what a caller asked for (a name or
+None, a step count, options) into what runs: None picks the most accurate sampler whose NFE fits ``steps``
+(then the NFE budget; ``DEFAULT_SAMPLERS``), options are checked against the sampler's own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .samplers import (sample_ddpm, sample_deis, sample_dpm_2, sample_dpmpp_2m, sample_dpmpp_2m_sde,
+                       sample_dpmpp_3m_sde, sample_euler, sample_euler_ancestral, sample_heun, sample_ipndm,
+                       sample_lms, sample_pndm, sample_unipc)
+
+__all__ = ["SamplerSpec", "SAMPLERS", "DEFAULT_SAMPLERS", "default_sampler", "steps_for_budget", "resolve_sampler"]
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler: its function, its network evaluations for n steps, and the options it takes with their
+    defaults. ``order`` is the global order of convergence on the probability-flow ODE (with eta = 0 where
+    the sampler takes eta; None for DDPM), as tests/test_samplers.py measures it on Karras' grid
+    (sigma 80 -> 0.02, rho = 7, 64 / 128 / 256 steps). Multistep methods warm up with lower-order steps
+    (no extra NFE), which caps some below the order of their formula: DPM-Solver++(3M)'s first-order first
+    step makes it 2; iPNDM's and PNDM's fixed Adams-Bashforth coefficients are 4th order only on steps
+    equal in sigma, 2 on other smooth grids. UniPC's corrector keeps its warm-up at full order."""
+    fn: Callable
+    nfe_formula: Callable[[int, dict], int]
+    order: int | None
+    options: dict = field(default_factory=dict)
+    stochastic: bool = False
+
+    def nfe(self, steps: int, **options) -> int:
+        """Network evaluations for ``steps`` steps with these options (on every grid: at a sigma = inf start
+        the closed-form step from SNR 0 stands in for the first step)."""
+        return self.nfe_formula(steps, {**self.options, **options})
+
+    def steps_for(self, budget: int, **options) -> int:
+        """The largest step count whose NFE fits in ``budget`` (0 if none)."""
+        n = 0
+        while self.nfe(n + 1, **options) <= budget:
+            n += 1
+        return n
+
+
+def _one_per_step(n, o):
+    return n
+
+
+def _two_stage_nfe(n, o):  # two evaluations a step, one on the last (and on the first with euler_start)
+    return 2 * n - 1 - (1 if o["euler_start"] and n > 1 else 0)
+
+
+def _ipndm_nfe(n, o):  # the free first and last steps need a step after / before them
+    return n - (n > 1) * (int(o["afs"]) + int(o["free_last_step"]))
+
+
+def _pndm_nfe(n, o):  # four evaluations on each Runge-Kutta step
+    first = int(o["euler_start"])
+    return n + 3 * max(0, min(first + 3, n - 1) - first)
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(sample_ddpm, _one_per_step, None, {"variance": "beta_tilde"}, stochastic=True),
+    "ddim": SamplerSpec(sample_euler_ancestral, _one_per_step, 1, {"eta": 0.0, "s_noise": 1.0}),
+    "euler": SamplerSpec(sample_euler, _one_per_step, 1),
+    "euler_ancestral": SamplerSpec(sample_euler_ancestral, _one_per_step, 1, {"eta": 1.0, "s_noise": 1.0}, True),
+    "heun": SamplerSpec(sample_heun, _two_stage_nfe, 2, {"euler_start": True}),
+    "dpm_2": SamplerSpec(sample_dpm_2, _two_stage_nfe, 2, {"euler_start": True}),
+    "lms": SamplerSpec(sample_lms, _one_per_step, 4, {"order": 4}),
+    "pndm": SamplerSpec(sample_pndm, _pndm_nfe, 2, {"euler_start": True}),
+    "ipndm": SamplerSpec(sample_ipndm, _ipndm_nfe, 2, {"afs": False, "free_last_step": False}),
+    "deis": SamplerSpec(sample_deis, _one_per_step, 3, {"order": 3}),
+    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, _one_per_step, 2),
+    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, _one_per_step, 2, {"eta": 1.0, "s_noise": 1.0}, True),
+    "dpmpp_3m_sde": SamplerSpec(sample_dpmpp_3m_sde, _one_per_step, 2, {"eta": 1.0, "s_noise": 1.0}, True),
+    "unipc": SamplerSpec(sample_unipc, _one_per_step, 3, {"order": 2, "variant": "bh2"}),
+}
+
+# The most accurate sampler for an NFE budget on the default grid (sigmas="default", spacing="trailing"), as
+# benchmarks/samplers.py measures it (tests/test_samplers.py re-measures it); a budget uses the largest key <= it.
+DEFAULT_SAMPLERS: dict[int, str] = {1: "ipndm", 5: "ipndm", 10: "ipndm", 20: "ipndm", 50: "lms"}
+
+
+def _check_sampler(name: str) -> SamplerSpec:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    return int(steps)
+
+
+def default_sampler(budget: int) -> str:
+    """The sampler picked when none is named, for an NFE budget (the largest key of DEFAULT_SAMPLERS <= it)."""
+    budget = _check_steps(budget)
+    return DEFAULT_SAMPLERS[max(k for k in DEFAULT_SAMPLERS if k <= budget)]
+
+
+def steps_for_budget(sampler: str, budget: int) -> int:
+    """The largest step count of ``sampler`` whose NFE fits in ``budget``."""
+    return _check_sampler(sampler).steps_for(_check_steps(budget))
+
+
+def _same_kind(value, default) -> bool:
+    """bool for a bool option, an integer for an int, a number for a float, a string for a string."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, (int, np.integer)):
+        return isinstance(value, (int, np.integer))
+    if isinstance(default, float):
+        return isinstance(value, (int, float, np.integer, np.floating))
+    return isinstance(value, type(default))
+
+
+def resolve_sampler(sampler: str | None, steps: int, options: dict | None = None) -> tuple[str, int, dict]:
+    """(name, steps, options) to run, from what was asked: the one rule every caller uses.
+
+    sampler None: the sampler of :func:`default_sampler` for the NFE budget ``steps``, at the largest step
+    count whose NFE fits it (at least 1). ``options`` (None values are dropped) are checked against the
+    sampler's own, by name and kind, and returned merged over its defaults."""
+    steps = _check_steps(steps)
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    if sampler is None:
+        sampler = default_sampler(steps)
+        spec = SAMPLERS[sampler]
+        steps = max(1, spec.steps_for(steps, **{k: v for k, v in given.items() if k in spec.options}))
+    spec = _check_sampler(sampler)
+    for key, value in given.items():
+        if key not in spec.options:
+            known = ", ".join(f"{k} (default {v!r})" for k, v in spec.options.items()) or "none"
+            raise ValueError(f"sampler {sampler!r} takes no option {key!r}; its options: {known}")
+        if not _same_kind(value, spec.options[key]):
+            default, kind = spec.options[key], type(spec.options[key]).__name__
+            raise ValueError(f"sampler option {key}={value!r} of {sampler!r} must be {'an' if kind == 'int' else 'a'} "
+                             f"{kind} (default {default!r})")
+    return sampler, steps, {**spec.options, **given}

@@ -1,0 +1,143 @@
+"""What a run is built from: its noise schedule, its data (batches of (x, cond)), and its network.
+
+Conditioning travels with the batch: a data set's ``get_batch(idx)`` gives ``(x, cond)`` with ``cond`` a
+dict (``{"class_labels": int64 (B,)}`` for labelled sets, ``{}`` otherwise). With ``conditioning.kind=class``
+the network gets ``num_class_embeds = K + 1`` for K classes: ids 0..K-1 are the classes and id K is the null
+class, which condition dropout puts in place of a label (and classifier-free guidance later samples with).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from ..core.schedules import NoiseSchedule
+from .config import Config, ConfigError
+
+
+def build_schedule(cfg: Config) -> NoiseSchedule:
+    """The training process: named betas (custom beta_start / beta_end where given), T steps, zero-SNR rescale."""
+    d = cfg.diffusion
+    return NoiseSchedule.from_name(d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
+                                   zero_terminal_snr=d.zero_terminal_snr)
+
+
+def _label_info(ds) -> tuple[bool, int | None, torch.Tensor | None]:
+    """(has labels, number of classes, all labels if the data set exposes them)."""
+    labels = getattr(ds, "labels", None)
+    labels = torch.as_tensor(labels) if labels is not None else None
+    has = getattr(ds, "has_labels", None)
+    if has is None:  # a data set of the first release: labels -1 mean none
+        has = labels is not None and bool((labels >= 0).any())
+    n = getattr(ds, "num_classes", None)
+    if n is None and has and labels is not None:
+        n = int(labels.max()) + 1
+    return bool(has), n, labels
+
+
+class TrainingData:
+    """The training set, fetched by indices as ``(x, cond)``; cond holds only what the run conditions on."""
+
+    def __init__(self, cfg: Config):
+        from .. import data as data_module
+
+        source = cfg.data.source
+        ds = data_module.load_dataset(source, image_size=cfg.data.image_size, channels=cfg.data.channels,
+                                      split="train", flip=False)  # flips are drawn by the trainer, from (seed, step)
+        if len(ds) == 0:
+            raise ConfigError(f"data set {source!r} is empty")
+        self.dataset, self.n = ds, len(ds)
+        self.sample_shape = tuple(getattr(ds, "shape", None) or torch.as_tensor(ds[0][0]).shape)
+        self.kind = getattr(ds, "kind", None) or {3: "image", 1: "vector", 2: "signal"}.get(len(self.sample_shape))
+        if cfg.data.flip and self.kind != "image":
+            raise ConfigError(f"data.flip=true needs images, and {source!r} holds {self.kind}s of shape "
+                              f"{self.sample_shape}; drop data.flip")
+        self.conditional = cfg.conditioning.kind == "class"
+        self.num_classes = self._check_labels(cfg, ds) if self.conditional else 0
+
+    @staticmethod
+    def _check_labels(cfg: Config, ds) -> int:
+        """The number of classes K of a class-conditional run, checked against the data's labels."""
+        source, wanted = cfg.data.source, cfg.conditioning.num_classes
+        has, n, labels = _label_info(ds)
+        if not has:
+            raise ConfigError(f"conditioning.kind=class needs class labels, and data set {source!r} has none; use a "
+                              "labelled set (mnist, digits, an image folder with one sub-folder per class) or "
+                              "conditioning.kind=none")
+        if labels is not None and bool((labels < 0).any()):
+            raise ConfigError(f"conditioning.kind=class: {int((labels < 0).sum())} items of {source!r} have no "
+                              "label; give every item a class or use conditioning.kind=none")
+        if n is None:
+            raise ConfigError(f"the number of classes of {source!r} is unknown; set conditioning.num_classes")
+        if wanted is not None and wanted < n:
+            raise ConfigError(f"conditioning.num_classes={wanted} is below the {n} classes of {source!r}; "
+                              f"set it to at least {n} (or none: from the data)")
+        return n if wanted is None else wanted
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """x float32 (B, *sample_shape) and cond: {"class_labels": int64 (B,)} for a class-conditional run, else {}."""
+        ds = self.dataset
+        if hasattr(ds, "get_batch"):
+            x, cond = ds.get_batch(idx)
+        else:
+            items = [ds[int(i)] for i in idx]
+            x = torch.stack([torch.as_tensor(item[0]) for item in items])
+            cond = [item[1] for item in items]
+        if not self.conditional:
+            return x.float(), {}
+        if isinstance(cond, dict):  # the data protocol: a dict of batched tensors
+            labels = cond.get("class_labels")
+        elif isinstance(cond, list):  # items without get_batch
+            labels = [c["class_labels"] if isinstance(c, dict) else c for c in cond]
+        else:  # data sets of the first release: (x, labels)
+            labels = cond
+        if labels is None:
+            raise ConfigError(f"conditioning.kind=class: the data set {ds!r} gave no class_labels")
+        return x.float(), {"class_labels": torch.as_tensor(labels).reshape(len(idx)).long()}
+
+
+def model_config(cfg: Config, sample_shape: tuple[int, ...], num_classes: int = 0) -> dict:
+    """What ``models.build_model`` gets: type, preset, the data's shape, the class embedding (K + 1 ids for
+    K classes, the last one null), then the user's overrides (model.options)."""
+    mc: dict = {"type": cfg.model.type, "preset": cfg.model.preset}
+    if cfg.model.type == "mlp":
+        mc["dim"] = int(np.prod(sample_shape))
+    else:
+        if len(sample_shape) != 3:
+            raise ConfigError(f"model.type={cfg.model.type} is an image network, and the data's items have shape "
+                              f"{tuple(sample_shape)}; use model.type=mlp for vectors")
+        mc["in_channels"] = sample_shape[0]
+        mc["sample_size"] = sample_shape[-1]
+    if num_classes:
+        mc["num_class_embeds"] = num_classes + 1
+    mc.update(cfg.model.options)
+    return mc
+
+
+def diffusion_config(schedule: NoiseSchedule, cfg: Config, sample_shape, num_classes: int = 0) -> dict:
+    """What a trained network carries: the process it was trained on, and its null condition."""
+    null = {"class_labels": num_classes} if num_classes else None
+    return {"schedule": schedule.to_dict(), "prediction": cfg.diffusion.prediction, "null_cond": null,
+            "sample_shape": list(sample_shape)}
+
+
+def build_network(cfg: Config, sample_shape, schedule: NoiseSchedule, num_classes: int = 0):
+    """(network, its resolved build config); the initial weights depend only on run.seed. The network
+    carries ``diffusion_config`` (schedule, prediction, null condition)."""
+    from ..models import build_model
+
+    mc = model_config(cfg, sample_shape, num_classes)
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(mc)
+    model.diffusion_config = diffusion_config(schedule, cfg, sample_shape, num_classes)
+    return model, getattr(model, "build_config", mc)
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A SHA-256 over a module's state: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,269 @@
+"""Every knob of a training run, with its default, in one place (torch-free: `dforge --help` stays fast).
+
+    defaults (below)  <  a saved run's config.json  <  --config FILE (YAML/JSON)  <  --set section.key=value
+
+Eight sections: ``data, diffusion, model, conditioning, optim, ema, run, sample``. Read a value as
+``cfg.optim.lr``; name it as ``optim.lr`` in files and flags. Every flat key of the first release
+(``lr``, ``sample_steps``, ...) still works as an alias of its dotted name and says so once on stderr.
+``cfg.to_dict()`` is the nested form with ``"format_version": 2``; :meth:`Config.from_dict` also reads
+the flat dicts of format_version 1 run folders, and mixtures of both.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+FORMAT_VERSION = 2
+
+
+def knob(default, help: str, flat: str | None = None):
+    """A config field: its default, its help text and (for keys of format_version 1) its old flat name."""
+    meta = {"help": help, "flat": flat}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# The knobs
+
+@dataclass
+class DataConfig:
+    source: str = knob("mnist", "bundled name (see `dforge datasets`), image folder, or hf:NAME", "data")
+    image_size: int | None = knob(None, "resize images to this size (none: the data's own)", "image_size")
+    channels: int | None = knob(None, "1 or 3 (none: the data's own)", "channels")
+    flip: bool = knob(False, "random horizontal flips of images, drawn from (seed, step)", "flip")
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = knob("cosine", "linear | scaled_linear | cosine | sigmoid", "schedule")
+    num_timesteps: int = knob(1000, "training timesteps T", "num_timesteps")
+    beta_start: float | None = knob(None, "first beta of linear/scaled_linear/sigmoid (none: 1e-4; "
+                                          "Stable Diffusion: scaled_linear 0.00085)")
+    beta_end: float | None = knob(None, "last beta (none: 0.02; Stable Diffusion: 0.012)")
+    zero_terminal_snr: bool = knob(False, "rescale to SNR 0 at T - 1 (needs v_prediction or sample)",
+                                   "zero_terminal_snr")
+    prediction: str = knob("v_prediction", "epsilon | sample | v_prediction", "prediction")
+    min_snr_gamma: float | None = knob(5.0, "min-SNR-gamma loss weighting (none: off)", "min_snr_gamma")
+
+
+@dataclass
+class ModelConfig:
+    type: str = knob("unet", "unet | mlp | diffusers_unet", "model")
+    preset: str = knob("small", "tiny | small | base", "preset")
+    options: dict = knob({}, "overrides of the preset, e.g. {dropout: 0.1}", "model_options")
+
+
+@dataclass
+class ConditioningConfig:
+    kind: str = knob("none", "none | class (class labels of the data; text comes later)")
+    dropout: float = knob(0.0, "probability that a sample's condition is replaced by the null one")
+    num_classes: int | None = knob(None, "number of classes (none: from the data)")
+
+
+@dataclass
+class OptimConfig:
+    steps: int = knob(2000, "optimiser steps in the whole run", "steps")
+    batch_size: int = knob(64, "global batch per optimiser step (all processes x accumulation)", "batch_size")
+    grad_accum: int = knob(1, "micro-batches per optimiser step", "grad_accum")
+    lr: float = knob(2e-3, "peak learning rate of AdamW", "lr")
+    lr_schedule: str = knob("cosine", "constant | cosine (after the warm-up)", "lr_schedule")
+    warmup_steps: int = knob(100, "linear warm-up from lr / warmup_steps to lr", "warmup_steps")
+    min_lr: float = knob(2e-4, "where the cosine schedule ends", "min_lr")
+    weight_decay: float = knob(0.0, "AdamW decoupled weight decay (matrices and kernels only)", "weight_decay")
+    adam_beta1: float = knob(0.9, "AdamW beta1", "adam_beta1")
+    adam_beta2: float = knob(0.999, "AdamW beta2", "adam_beta2")
+    grad_clip: float = knob(1.0, "clip the global gradient norm to this (0: off)", "grad_clip")
+
+
+@dataclass
+class EMAConfig:
+    decay: float = knob(0.999, "EMA decay (the most it reaches, see ema.warmup)", "ema_decay")
+    warmup: bool = knob(True, "decay_k = min(decay, (1 + k) / (10 + k))", "ema_warmup")
+
+
+@dataclass
+class RunConfig:
+    mixed_precision: str = knob("auto", "auto | no | bf16 | fp16 (auto: bf16 where the hardware has it)",
+                                "mixed_precision")
+    seed: int = knob(0, "initial weights, data order, t, noise, dropout: all derive from it", "seed")
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N | mps")
+    log_every: int = knob(10, "metrics.jsonl line and progress-bar update every N steps", "log_every")
+    checkpoint_every: int = knob(500, "also at the end and on Ctrl-C", "checkpoint_every")
+    keep_checkpoints: int = knob(3, "keep the newest K checkpoints", "keep_checkpoints")
+    sample_every: int = knob(1000, "sample grid into samples/ every N steps (0: only at the end)", "sample_every")
+    eval_every: int = knob(0, "FD of eval_n EMA samples every N steps into metrics.jsonl (0: off)", "eval_every")
+    eval_n: int = knob(256, "samples per evaluation (small n: FD@256, not comparable to 10k FID)", "eval_n")
+
+
+@dataclass
+class SampleConfig:
+    n: int = knob(64, "samples in each grid", "sample_n")
+    sampler: str | None = knob("euler_ancestral", "sampler of the grids, the demo and `dforge sample` "
+                                                  "(none: the best for the NFE budget)", "sampler")
+    steps: int = knob(20, "its steps", "sample_steps")
+    options: dict = knob({"eta": 1.8}, "its options (eta > 1: more fresh noise)", "sampler_options")
+
+
+SECTIONS = {"data": DataConfig, "diffusion": DiffusionConfig, "model": ModelConfig,
+            "conditioning": ConditioningConfig, "optim": OptimConfig, "ema": EMAConfig, "run": RunConfig,
+            "sample": SampleConfig}
+
+# Allowed values, checked by name (tests/test_config.py checks they equal the torch-side lists).
+SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine", "sigmoid")
+PREDICTIONS = ("epsilon", "sample", "v_prediction")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
+MODEL_TYPES = ("unet", "mlp", "diffusers_unet")
+CONDITIONING_KINDS = ("none", "class")
+
+
+class ConfigError(ValueError):
+    """A config key or value that is unknown, mistyped, out of range, or does not fit the other sections."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema, derived once from the dataclasses above
+
+def _schema() -> tuple[dict, dict, dict]:
+    """({dotted: (type hint, field)}, {flat alias: dotted}, {short name: [dotted]})."""
+    fields_, flat, short = {}, {}, {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            dotted = f"{section}.{f.name}"
+            fields_[dotted] = (hints[f.name], f)
+            if f.metadata.get("flat"):
+                flat[f.metadata["flat"]] = dotted
+            short.setdefault(f.name, []).append(dotted)
+    return fields_, flat, short
+
+
+FIELDS, FLAT_ALIASES, _SHORT = _schema()
+# ---------------------------------------------------------------------------------------------
+# The config object
+
+@dataclass
+class Config:
+    """A whole run's configuration; see the section classes above for every key and its default."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self):
+        for name, cls in SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"{name} must be a {cls.__name__}; build configs with "
+                                  "Config.from_dict or merge_config (flat keys work there)")
+        self.validate()
+
+    def validate(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict:
+        """The nested form, with ``"format_version": 2`` (what config.json and checkpoints hold)."""
+        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    def flat(self) -> dict:
+        """{dotted key: value} for every key (what resume compares)."""
+        return {dotted: copy.deepcopy(self.get(dotted)) for dotted in FIELDS}
+
+    def get(self, dotted: str):
+        if dotted not in FIELDS:
+            from .layers import unknown_key
+
+            raise unknown_key(dotted)
+        section, key = dotted.split(".")
+        return getattr(getattr(self, section), key)
+
+    @classmethod
+    def from_dict(cls, d: dict, notes: bool = False) -> Config:
+        """From a nested (format_version 2), flat (format_version 1) or mixed dict; missing keys get defaults."""
+        from .layers import apply, settings
+
+        return cls.from_nested(apply(defaults(), settings(d, notes=notes)))
+
+    @classmethod
+    def from_nested(cls, nested: dict) -> Config:
+        return cls(**{name: SECTIONS[name](**nested[name]) for name in SECTIONS})
+
+
+TrainConfig = Config
+
+
+def validate(cfg: Config) -> None:
+    """Every value in range and the sections consistent; a :class:`ConfigError` naming the key otherwise."""
+    def choice(dotted, allowed):
+        if cfg.get(dotted) not in allowed:
+            raise ConfigError(f"{dotted}={cfg.get(dotted)!r} is not one of: {', '.join(allowed)}")
+
+    def at_least(dotted, low, strict=False):
+        value = cfg.get(dotted)
+        if value < low or (strict and value == low):
+            raise ConfigError(f"{dotted} must be {'>' if strict else '>='} {low}, got {value}")
+
+    d, o, c = cfg.diffusion, cfg.optim, cfg.conditioning
+    choice("diffusion.schedule", SCHEDULE_NAMES)
+    choice("diffusion.prediction", PREDICTIONS)
+    choice("run.mixed_precision", PRECISIONS)
+    choice("optim.lr_schedule", LR_SCHEDULES)
+    choice("model.type", MODEL_TYPES)
+    if c.kind == "text":
+        raise ConfigError("conditioning.kind=text: text conditioning needs a data set with captions and is not "
+                          "available yet; use conditioning.kind=class (a labelled data set) or none")
+    choice("conditioning.kind", CONDITIONING_KINDS)
+    for dotted in ("optim.steps", "optim.batch_size", "optim.grad_accum", "diffusion.num_timesteps", "run.log_every",
+                   "sample.n", "sample.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.eval_n"):
+        at_least(dotted, 1)
+    for dotted in ("optim.warmup_steps", "run.sample_every", "optim.weight_decay", "optim.grad_clip", "optim.min_lr",
+                   "run.eval_every"):
+        at_least(dotted, 0)
+    at_least("optim.lr", 0, strict=True)
+    for dotted in ("ema.decay", "optim.adam_beta1", "optim.adam_beta2", "conditioning.dropout"):
+        if not 0 <= cfg.get(dotted) < 1:
+            raise ConfigError(f"{dotted} must lie in [0, 1), got {cfg.get(dotted)}")
+    if d.min_snr_gamma is not None and d.min_snr_gamma <= 0:
+        raise ConfigError(f"diffusion.min_snr_gamma must be > 0 or none, got {d.min_snr_gamma}")
+    if o.batch_size % o.grad_accum:
+        raise ConfigError(f"batch_size={o.batch_size} must be divisible by grad_accum={o.grad_accum} "
+                          "(optim.batch_size, optim.grad_accum)")
+    if d.zero_terminal_snr and d.prediction == "epsilon":
+        raise ConfigError("diffusion.zero_terminal_snr needs prediction=v_prediction or sample "
+                          "(epsilon is undefined at SNR 0)")
+    _check_betas(d)
+    if c.kind == "none" and c.dropout > 0:
+        raise ConfigError(f"conditioning.dropout={c.dropout} needs a condition to drop: set conditioning.kind=class")
+    if c.num_classes is not None and c.num_classes < 1:
+        raise ConfigError(f"conditioning.num_classes must be >= 1 or none, got {c.num_classes}")
+    if cfg.data.image_size is not None and cfg.data.image_size < 1:
+        raise ConfigError(f"data.image_size must be >= 1 or none, got {cfg.data.image_size}")
+    if cfg.data.channels not in (None, 1, 3):
+        raise ConfigError(f"data.channels must be 1, 3 or none, got {cfg.data.channels}")
+
+
+def _check_betas(d: DiffusionConfig) -> None:
+    given = [k for k in ("beta_start", "beta_end") if getattr(d, k) is not None]
+    if not given:
+        return
+    if d.schedule == "cosine":
+        raise ConfigError(f"diffusion.{given[0]} does not apply to the cosine schedule (it has no betas to set); "
+                          "use diffusion.schedule=linear, scaled_linear or sigmoid")
+    start = 1e-4 if d.beta_start is None else d.beta_start  # diffusers' DDPMScheduler defaults
+    end = 0.02 if d.beta_end is None else d.beta_end
+    if not 0 < start < end < 1:
+        raise ConfigError(f"diffusion.beta_start and beta_end must satisfy 0 < beta_start < beta_end < 1, "
+                          f"got {start} and {end}")
+
+
+def defaults() -> dict:
+    """The default values as a nested dict (no format_version)."""
+    return {name: dataclasses.asdict(cls()) for name, cls in SECTIONS.items()}

@@ -1,0 +1,133 @@
+"""Conditioning travels with the batch: labels reach the network, dropout puts the null class in their place."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffusion_forge import training as T
+from diffusion_forge.training.determinism import batch_indices, dropout_mask
+
+MOONS = {"data.source": "moons", "model.type": "mlp", "model.preset": "tiny", "optim.batch_size": 64,
+         "run.mixed_precision": "no", "run.log_every": 1, "run.sample_every": 0, "sample.n": 4, "sample.steps": 2,
+         "optim.warmup_steps": 2}
+CLASS = {**MOONS, "conditioning.kind": "class"}
+
+
+def config(overrides: dict) -> T.TrainConfig:
+    return T.merge_config(flags=overrides)
+
+
+def spy(trainer) -> list[dict]:
+    """Record the keyword arguments of every forward call of the trained network."""
+    calls: list[dict] = []
+    trainer.unwrapped.register_forward_pre_hook(lambda module, args, kwargs: calls.append(dict(kwargs)),
+                                                with_kwargs=True)
+    return calls
+
+
+def data_labels(trainer, step: int) -> torch.Tensor:
+    """The data set's labels of the global batch of ``step`` (before dropout)."""
+    cfg = trainer.cfg
+    idx = batch_indices(step, cfg.optim.batch_size, trainer.data.n, cfg.run.seed)
+    return torch.as_tensor(trainer.data.dataset.labels)[idx].long()
+
+
+def test_the_network_receives_the_labels_of_its_batch(tmp_path):
+    trainer = T.Trainer(config({**CLASS, "optim.steps": 3, "optim.grad_accum": 2}), tmp_path, progress=False)
+    assert trainer.num_classes == 2 and trainer.unwrapped.class_embedding.num_embeddings == 3   # K + 1
+    calls = spy(trainer)
+    trainer.fit()
+    assert len(calls) == 6                                            # 3 steps x 2 micro-batches
+    for step in range(3):
+        got = torch.cat([calls[2 * step]["class_labels"], calls[2 * step + 1]["class_labels"]])
+        assert got.dtype == torch.int64 and torch.equal(got, data_labels(trainer, step))
+    assert set(torch.cat([c["class_labels"] for c in calls]).tolist()) == {0, 1}
+
+
+def test_condition_dropout_replaces_the_drawn_fraction_with_the_null_class(tmp_path):
+    p, steps = 0.3, 12
+    trainer = T.Trainer(config({**CLASS, "optim.steps": steps, "conditioning.dropout": p}), tmp_path, progress=False)
+    calls = spy(trainer)
+    trainer.fit()
+    null, b, dropped = trainer.null_id, trainer.cfg.optim.batch_size, 0
+    assert null == 2
+    for step, call in enumerate(calls):
+        got, labels = call["class_labels"], data_labels(trainer, step)
+        mask = dropout_mask(step, b, p, trainer.cfg.run.seed)       # drawn from (seed, step): resumable
+        assert torch.equal(got[mask], torch.full((int(mask.sum()),), null))
+        assert torch.equal(got[~mask], labels[~mask])
+        dropped += int(mask.sum())
+    n = steps * b
+    assert abs(dropped - n * p) < 5 * math.sqrt(n * p * (1 - p)), (dropped, n)
+
+
+def test_the_dropout_mask_has_the_stated_fraction_and_depends_on_seed_and_step():
+    p, n = 0.3, 20000
+    mask = dropout_mask(7, n, p, seed=0)
+    assert abs(int(mask.sum()) - n * p) < 5 * math.sqrt(n * p * (1 - p))
+    assert torch.equal(mask, dropout_mask(7, n, p, seed=0))
+    assert not torch.equal(mask, dropout_mask(8, n, p, seed=0)) and not torch.equal(mask, dropout_mask(7, n, p, 1))
+    assert dropout_mask(7, n, 0.0, seed=0) is None
+
+
+def test_an_unconditional_run_passes_no_labels(tmp_path):
+    trainer = T.Trainer(config({**MOONS, "optim.steps": 2}), tmp_path, progress=False)   # moons has labels
+    calls = spy(trainer)
+    trainer.fit()
+    assert len(calls) == 2 and all(call == {} for call in calls)
+    assert trainer.unwrapped.class_embedding is None
+    assert trainer.unwrapped.diffusion_config["null_cond"] is None
+
+
+def test_the_null_condition_travels_with_the_network_into_the_run_folder(tmp_path):
+    from diffusion_forge.io.checkpoint import load_checkpoint, load_model_from_run
+
+    trainer = T.Trainer(config({**CLASS, "optim.steps": 2, "conditioning.dropout": 0.5}), tmp_path, progress=False)
+    for net in (trainer.unwrapped, trainer.ema.module):
+        assert net.diffusion_config["null_cond"] == {"class_labels": 2}
+        assert net.diffusion_config["prediction"] == "v_prediction"
+    trainer.fit()
+    extra = load_checkpoint(tmp_path).state["extra"]
+    assert extra["num_classes"] == 2 and extra["model_config"]["num_class_embeds"] == 3
+    D = load_model_from_run(tmp_path)
+    assert D.null_cond == {"class_labels": 2} and D.num_classes == 2
+    assert (tmp_path / "samples" / "step-00000002.png").is_file()   # the final grid, sampled with labels 0, 1, 0, 1
+
+
+def test_a_class_conditional_image_run_trains_and_samples(tmp_path):
+    cfg = config({"data.source": "digits", "model.preset": "tiny", "optim.batch_size": 16, "optim.steps": 2,
+                  "run.sample_every": 0, "sample.n": 4, "sample.steps": 2, "run.mixed_precision": "no",
+                  "conditioning.kind": "class", "conditioning.dropout": 0.2})
+    summary = T.train(cfg, tmp_path, progress=False)
+    assert summary["step"] == 2 and (tmp_path / "samples" / "step-00000002.png").is_file()
+
+
+def test_dropout_is_resumable_bit_for_bit(tmp_path):
+    flags = {**CLASS, "conditioning.dropout": 0.3, "run.checkpoint_every": 2}
+    T.train(config({**flags, "optim.steps": 4}), tmp_path / "whole", progress=False)
+    T.train(config({**flags, "optim.steps": 2}), tmp_path / "parts", progress=False)
+    cfg, _ = T.run_config(tmp_path / "parts", None, {"optim.steps": "4"}, allow_changes=True)
+    T.train(cfg, tmp_path / "parts", progress=False)
+
+    def losses(run):
+        return {r["step"]: r["last_loss"] for r in T.read_metrics(run) if "last_loss" in r}
+
+    assert losses(tmp_path / "whole") == losses(tmp_path / "parts") and len(losses(tmp_path / "whole")) == 4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.source": "swiss_roll"}, r"conditioning.kind=class needs class labels, and data set 'swiss_roll' has none"),
+    ({"conditioning.num_classes": 1}, r"conditioning.num_classes=1 is below the 2 classes of 'moons'"),
+    ({"model.type": "unet"}, r"model.type=unet is an image network.*use model.type=mlp"),
+])
+def test_sections_that_do_not_fit_the_data_are_refused_by_name(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        T.Trainer(config({**CLASS, **overrides}), tmp_path, progress=False)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_flip_needs_images(tmp_path):
+    with pytest.raises(ValueError, match=r"data.flip=true needs images, and 'moons' holds vectors"):
+        T.Trainer(config({**MOONS, "data.flip": "true"}), tmp_path, progress=False)
