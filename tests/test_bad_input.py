@@ -88,7 +88,7 @@ def png_folder(name: str, sizes, mode: str = "L", extra: dict | None = None) -> 
             shape = (h, w) if mode in ("L", "I;16") else (h, w, 3)
             dtype = np.uint16 if mode == "I;16" else np.uint8
             pixels = rng.integers(0, 1000 if mode == "I;16" else 256, size=shape).astype(dtype)
-            Image.fromarray(pixels, mode=mode if mode == "I;16" else None).save(folder / f"img{i}.png")
+            Image.fromarray(pixels).save(folder / f"img{i}.png")          # uint16: mode I;16
         for fname, data in (extra or {}).items():
             (folder / fname).write_bytes(data)
     return setup
@@ -122,7 +122,10 @@ ROWS = [
     Row("sample-out-exists", ["sample", "{tmp}/run", "--out", "{tmp}/x.npz"], r"x\.npz already exists.*--force",
         both(v1_run, files("x.npz"))),
     Row("sample-out-png-exists", ["sample", "{tmp}/run", "--out", "{tmp}/g.png"], r"already exists", both(v1_run, files("g.png"))),
-    Row("sample-out-is-folder", ["sample", "{tmp}/run", "--out", "{tmp}/run"], r"is a folder", v1_run),
+    Row("sample-out-is-folder", ["sample", "{tmp}/run", "--out", "{tmp}/d.npz"], r"d\.npz is a folder",
+        both(v1_run, lambda tmp: (tmp / "d.npz").mkdir())),
+    Row("sample-out-is-folder-no-suffix", ["sample", "{tmp}/run", "--out", "{tmp}/run"], r"run is a folder", v1_run,
+        owner="lead: io.files.check_output checks for a folder before the suffix"),
     Row("sample-out-parent-is-file", ["sample", "{tmp}/run", "--out", "{tmp}/f/x.npz"], r"f is a file, not a folder",
         both(v1_run, files("f"))),
     Row("sample-out-read-only", ["sample", "{tmp}/run", "--out", "{tmp}/ro/x.npz"], r"read-only file system", v1_run,
@@ -138,7 +141,7 @@ ROWS = [
         files("f"), owner="H2"),
     Row("train-out-read-only", ["train", "--data", "moons", "--out", "{tmp}/ro/run", *FAST_TRAIN], r"read-only",
         patch="read_only", owner="H2", absent=["ro/run/checkpoints"]),
-    Row("train-typo-of-a-run", ["train", "--out", "{tmp}/photoss", "--no-progress"], r"--data", v1_run, owner="H2",
+    Row("train-typo-of-a-run", ["train", "--out", "{tmp}/photoss", *FAST_TRAIN], r"--data", v1_run, owner="H2",
         absent=["photoss"]),
     # -- run folders and checkpoints
     Row("sample-no-such-run", ["sample", "{tmp}/nothing", "--out", "{tmp}/x.npz"], r"nothing: it does not exist"),
@@ -198,8 +201,11 @@ ROWS = [
         r"bad\.json", files("bad.json", content=b"{lr: 1"), owner="H2"),
     Row("train-dotted-key-typo", ["train", "--data", "moons", "--out", "{tmp}/r", "--set", "optim.lrr=1", *FAST_TRAIN],
         r"did you mean optim\.lr", owner="H2"),
-    Row("train-sections-do-not-fit", ["train", "--data", "moons", "--out", "{tmp}/r", "--set", "conditioning.kind=class",
-                                      *FAST_TRAIN], r"conditioning", owner="H2"),
+    Row("train-class-without-labels", ["train", "--data", "{tmp}/imgs", "--out", "{tmp}/r", "--set", "model.preset=tiny",
+                                       "--set", "conditioning.kind=class", *FAST_TRAIN], r"conditioning\.kind=class.*labels",
+        png_folder("imgs", [(8, 8)] * 4), owner="H2"),
+    Row("train-text-without-captions", ["train", "--data", "digits", "--out", "{tmp}/r", "--set", "conditioning.kind=text",
+                                        *FAST_TRAIN], r"conditioning\.kind=text.*captions", owner="H2"),
     Row("train-print-config-head", ["train", "--data", "moons", "--out", "{tmp}/r", "--print-config"], r"^$",
         code=141, owner="H4", process=True),
     # -- data (issue 8: a corrupt image is skipped with a warning naming it)

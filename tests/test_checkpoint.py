@@ -140,3 +140,87 @@ def test_saving_the_same_step_twice_replaces_it(tmp_path):
     ck.save_checkpoint(tmp_path, 5, model)
     assert torch.equal(ck.load_checkpoint(tmp_path).tensors("model")["0.weight"], model[0].weight)
     assert len(ck.list_checkpoints(tmp_path)) == 1 and not list(tmp_path.glob(".tmp-*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders: format_version 1 (the fixture made by the old code) and the loader's messages
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+def test_format_version_1_run_folder_loads_as_a_denoiser():
+    model = ck.load_model_from_run(FIXTURES / "run_v1")
+    assert ck.FORMAT_VERSION == 2 and ck.load_checkpoint(FIXTURES / "run_v1").state["format_version"] == 1
+    assert model.step == 9 and model.sample_shape == (2,) and model.num_classes == 0
+    assert model.config["format_version"] == 2                       # the flat version-1 config, nested
+    assert model.config["diffusion"]["prediction"] == "v_prediction" and model.config["data"]["source"] == "moons"
+    carried = model.model.diffusion_config
+    assert carried["prediction"] == "v_prediction" and carried["schedule"]["name"] == "cosine"
+    assert carried["null_cond"] is None
+    assert model.prediction == "v_prediction" and model.schedule.num_timesteps == 1000
+    assert not model.model.training and not any(p.requires_grad for p in model.model.parameters())
+    from diffusion_forge.denoise import Denoiser
+
+    assert isinstance(model, Denoiser)
+    x0 = model(torch.zeros(3, 2, dtype=torch.float64), torch.full((3,), 2.0, dtype=torch.float64))
+    assert x0.shape == (3, 2) and torch.isfinite(x0).all()
+
+
+def test_format_version_1_run_resumes_and_samples_as_the_old_code(tmp_path):
+    """The fixture was sampled by the old code after step 12 (8 samples, seeds 0..7, euler, 4 steps, EMA);
+    its step-12 checkpoint was then removed. Resuming it to step 12 and sampling through the new loader
+    gives the same samples."""
+    import shutil
+
+    import numpy as np
+
+    from diffusion_forge.cli import main
+    from diffusion_forge.sampling.generate import generate
+
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "run_v1", run)
+    assert main(["train", "--out", str(run), "--no-progress"]) == 0
+    model = ck.load_model_from_run(run)
+    assert model.step == 12
+    x = generate(model, 8, seed=0, sampler="euler", steps=4)
+    expected = np.load(FIXTURES / "run_v1_samples_euler4.npy")
+    assert np.abs(x.numpy() - expected).max() < 1e-6
+
+
+def _two_checkpoints(tmp_path):
+    model, opt, ema = _model_and_friends()
+    for step in (3, 6):
+        ck.save_checkpoint(tmp_path / "checkpoints", step, model, ema, opt)
+    return tmp_path
+
+
+def test_the_loader_says_what_is_wrong(tmp_path):
+    run = _two_checkpoints(tmp_path / "run")
+    with pytest.raises(ck.CheckpointError, match=r"no checkpoint of step 1234; its checkpoints are of step 3, 6"):
+        ck.find_checkpoint(run, step=1234)
+    assert ck.find_checkpoint(run, step=3).step == 3 and ck.find_checkpoint(run).step == 6
+    for step in ("step-00000003", "step-00000006"):
+        (run / "checkpoints" / step / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ck.CheckpointError, match=r"holds 2 corrupt checkpoints and no valid one: .*step-00000006 is "
+                                                 r"corrupt: model\.safetensors .*SHA-256.*step-00000003"):
+        ck.find_checkpoint(run)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ck.CheckpointError, match="is not a run folder"):
+        ck.find_checkpoint(tmp_path / "other")
+    with pytest.raises(ck.CheckpointError, match="it does not exist"):
+        ck.find_checkpoint(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ck.CheckpointError, match="is a file"):
+        ck.find_checkpoint(tmp_path / "file")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "config.json").write_text("{}")
+    with pytest.raises(ck.CheckpointError, match="no complete checkpoint yet"):
+        ck.find_checkpoint(tmp_path / "new")
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path):
+    run = _two_checkpoints(tmp_path)
+    (run / "checkpoints" / "step-00000006" / "ema.safetensors").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="skipping checkpoint: checkpoint .*step-00000006 is corrupt"):
+        assert ck.find_checkpoint(run).step == 3
+

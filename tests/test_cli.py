@@ -40,8 +40,11 @@ def test_every_option_has_help(command):
 
 def test_train_help_lists_every_config_key_with_its_default():
     text = _subparser("train").format_help()
-    for key in TrainConfig().to_dict():
-        assert f"\n  {key} " in text, key
+    nested = {k: v for k, v in TrainConfig().to_dict().items() if k != "format_version"}
+    assert nested and all(isinstance(keys, dict) for keys in nested.values())
+    for section, keys in nested.items():
+        for key in keys:
+            assert f"\n  {section}.{key} " in text, f"{section}.{key}"
 
 
 def test_train_refuses_changed_settings_unless_allowed(image_run, capsys):
@@ -68,7 +71,7 @@ def test_config_file_and_flags_merge_flags_winning(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), "--config", str(tmp_path / "run.yaml"),
                  "--set", "steps=11", "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
-    assert (cfg["lr"], cfg["steps"]) == (0.005, 11)
+    assert (cfg["optim"]["lr"], cfg["optim"]["steps"]) == (0.005, 11)
 
 
 def test_overfit_batch_prints_a_verdict(capsys):
@@ -117,3 +120,141 @@ def test_demo_writes_its_pictures(tmp_path):
     for name in ("samples.png", "loss.png", "schedules.png", "forward.png", "config.json", "metrics.jsonl"):
         assert (out / name).is_file(), name
     assert (out / "checkpoints").is_dir() and (out / "samples").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# The newcomer's path: fast help with defaults; the sampling options of the API
+
+def test_building_the_parser_imports_no_torch():
+    """`dforge --help` answers fast: building every subcommand's parser imports no torch."""
+    import subprocess
+    import sys
+
+    code = ("from diffusion_forge.cli import build_parser; build_parser(); import sys; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("command", [["eval"], ["viz", "schedule"], ["viz", "forward"], ["viz", "trajectory"],
+                                     ["viz", "samplers"], ["sample"]])
+def test_help_shows_defaults(command):
+    p = _subparser(command[0])
+    for name in command[1:]:
+        p = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    text = " ".join(p.format_help().split())
+    for action in p._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and action.help:
+            assert f"default: {action.default}" in text or "default:" in action.help, (command, action.dest)
+    assert "--force" in text and "--verbose" in text
+
+
+def test_sample_refuses_an_existing_output_unless_forced(image_run, tmp_path, capsys):
+    out = tmp_path / "x.npz"
+    out.write_bytes(b"old")
+    assert main(["sample", str(image_run), "--n", "2", "--steps", "2", "--out", str(out)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err and out.read_bytes() == b"old"
+    assert main(["sample", str(image_run), "--n", "2", "--steps", "2", "--out", str(out), "--force"]) == 0
+    assert np.load(out)["images"].shape == (2, 8, 8, 1)
+
+
+def test_sample_grid_options_and_sampler_options_reach_the_sampler(image_run, tmp_path, capsys):
+    def images(*flags):
+        out = tmp_path / f"s{len(list(tmp_path.iterdir()))}.npz"
+        assert main(["sample", str(image_run), "--n", "3", "--steps", "3", "--out", str(out), *flags]) == 0
+        return np.load(out)["images"]
+
+    base = images("--sampler", "euler_ancestral", "--sampler-options", "eta=0")
+    assert (images("--sampler", "ddim") == base).all()                       # ddim is euler_ancestral at eta 0
+    assert (images("--sampler", "euler_ancestral", "--sampler-options", "eta=1.0,s_noise=1.0") != base).any()
+    assert (images("--sampler", "ddim", "--sigmas", "karras") != base).any()
+    assert (images("--sampler", "ddim", "--spacing", "leading") != base).any()
+    assert "sampling" in capsys.readouterr().err                             # the progress bar (tqdm, stderr)
+
+
+def test_sample_grids_are_titled_and_raw_on_request(image_run, tmp_path):
+    from PIL import Image
+
+    assert main(["sample", str(image_run), "--n", "4", "--steps", "2", "--out", str(tmp_path / "raw.png"),
+                 "--raw-grid"]) == 0
+    assert main(["sample", str(image_run), "--n", "4", "--steps", "2", "--out", str(tmp_path / "t.png")]) == 0
+    assert Image.open(tmp_path / "raw.png").size == (2 + 2 * (8 + 2), 2 + 2 * (8 + 2))     # 2 x 2 tiles of 8 px
+    assert Image.open(tmp_path / "t.png").size[0] > 100                                     # readable, with a title
+
+
+# ---------------------------------------------------------------------------------------------
+# The error boundary
+
+def _command_raising(monkeypatch, error):
+    from diffusion_forge.cli import datasets
+
+    def run(args):
+        raise error
+    monkeypatch.setattr(datasets, "run", run)
+
+
+def test_unexpected_errors_show_a_traceback_and_ask_for_a_bug_report(monkeypatch, capsys):
+    _command_raising(monkeypatch, KeyError("oops"))
+    assert main(["datasets"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError" in err and "please report it" in err
+
+
+def test_verbose_shows_the_traceback_of_an_expected_error(monkeypatch, capsys):
+    _command_raising(monkeypatch, ValueError("bad value"))
+    assert main(["datasets"]) == 2
+    err = capsys.readouterr().err
+    assert err == "dforge datasets: error: bad value\n"
+    for argv in (["-v", "datasets"], ["datasets", "--verbose"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and err.endswith("dforge datasets: error: bad value\n")
+
+
+@pytest.mark.parametrize("error, code, line", [
+    (KeyboardInterrupt(), 130, "dforge datasets: interrupted"),
+    (BrokenPipeError(32, "Broken pipe"), 141, ""),
+    (FileExistsError(17, "File exists", "runs/x"), 2, "dforge datasets: error: runs/x: a file of that name exists"),
+    (OSError(28, "No space left on device", "runs/x/model.safetensors"), 2,
+     "dforge datasets: error: runs/x/model.safetensors: no space left on the device (the disk is full)"),
+    (PermissionError(13, "Permission denied", "/etc/x"), 2, "dforge datasets: error: /etc/x: permission denied"),
+    (FileNotFoundError(2, "No such file or directory", "a.yaml"), 2, "dforge datasets: error: a.yaml: it does not exist"),
+    (AssertionError("Torch not compiled with CUDA enabled"), 2,
+     "dforge datasets: error: Torch not compiled with CUDA enabled (use --device cpu, or check the GPU set-up)"),
+    (ValueError("two\nlines"), 2, "dforge datasets: error: two lines"),
+])
+def test_expected_errors_become_one_line(monkeypatch, capsys, error, code, line):
+    _command_raising(monkeypatch, error)
+    assert main(["datasets"]) == code
+    err = capsys.readouterr().err
+    assert err.strip() == line and "Traceback" not in err
+
+
+def test_parse_errors_and_safetensors_errors_are_expected(monkeypatch, capsys):
+    import yaml
+    from safetensors import SafetensorError
+
+    try:
+        yaml.safe_load("a: [1, 2\nb: 3")
+    except yaml.YAMLError as e:
+        _command_raising(monkeypatch, e)
+    assert main(["datasets"]) == 2
+    assert capsys.readouterr().err.startswith("dforge datasets: error: not valid YAML: ")
+    _command_raising(monkeypatch, SafetensorError("Error while serializing: IoError(Os { code: 30, kind: "
+                                                  "ReadOnlyFilesystem, message: \"Read-only file system\" })"))
+    assert main(["datasets"]) == 2
+    assert capsys.readouterr().err == "dforge datasets: error: cannot write a safetensors file: read-only file system\n"
+
+
+def test_warnings_print_as_one_clean_line(monkeypatch, capsys):
+    import warnings
+
+    from diffusion_forge.cli import datasets
+
+    def run(args):
+        warnings.warn("skipping photos/broken.png: cannot identify image file", UserWarning)
+        return 0
+    monkeypatch.setattr(datasets, "run", run)
+    assert main(["datasets"]) == 0
+    err = capsys.readouterr().err
+    assert err == "dforge datasets: warning: skipping photos/broken.png: cannot identify image file\n"

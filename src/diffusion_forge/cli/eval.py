@@ -113,16 +113,17 @@ def run(args) -> int:
         raise UserError(f"{target} does not exist (give a run folder of `dforge train`, or a .npz file with key "
                         "'images')")
     if target.is_dir():
-        from ..io.checkpoint import config_value, load_model_from_run
         from ..data import TOY_SETS, to_uint8
-        from .sample import generate, parse_options, run_settings, write_npz
+        from ..io.checkpoint import load_model_from_run
+        from ..sampling.generate import generate
+        from .sample import parse_options, run_settings, write_npz
 
         options = parse_options(args.sampler_options)
         trained = load_model_from_run(target, use_ema=not args.no_ema)
         sampler, steps, options = run_settings(trained, args.sampler, args.steps, options)
-        data = args.data or config_value(trained.config, "data.source")
-        print(f"dforge eval: drawing {args.n} samples from {target} (step {trained.step}, {sampler} {options or ''}"
-              f"{steps} steps, seeds {args.seed}..{args.seed + args.n - 1})")
+        data = args.data or trained.config["data"]["source"]
+        print(f"dforge eval: drawing {args.n} samples from {target} (step {trained.step}, {sampler}"
+              f"{' ' + str(options) if options else ''}, {steps} steps, seeds {args.seed}..{args.seed + args.n - 1})")
         x = generate(trained, args.n, seed=args.seed, sampler=sampler, steps=steps, sampler_options=options,
                      batch_size=args.batch_size, progress=True)
         report.update(step=trained.step, sampler=sampler, steps=steps, sampler_options=options, seed=args.seed)

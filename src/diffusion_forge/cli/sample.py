@@ -1,7 +1,7 @@
 """`dforge sample`: draw samples from a trained run folder into a picture or an .npz file.
 
-Also the helpers the other sampling commands share (eval, viz): the sampler settings of a run, checked
-before any sampling work, and the one generation loop and picture writer.
+Also what the other sampling commands share (eval, viz): the sampler settings of a run, checked before
+any sampling work, and the sample file's layout.
 """
 from __future__ import annotations
 
@@ -77,34 +77,24 @@ def _scalar(text: str):
     return text
 
 
-def _registry():
-    try:
-        from ..sampling import registry
-    except ImportError:   # before sampling/registry.py exists: the registry lives with the samplers
-        from ..sampling import samplers as registry
-    return registry
-
-
-def check_samplers(names) -> None:
+def check_samplers(names, auto: bool = True) -> None:
     """Every sampler name known (None: chosen by budget), before any work is done."""
-    known = _registry().SAMPLERS
+    from ..sampling.registry import SAMPLERS as known
+
     bad = [n for n in names if n is not None and n not in known]
     if bad:
         raise UserError(f"unknown sampler{'s' * (len(bad) > 1)} {', '.join(map(repr, bad))}; choose from: "
-                        f"{', '.join(known)} (or auto)")
+                        f"{', '.join(known)}{' (or auto)' * auto}")
 
 
 def resolve(sampler: str | None, steps: int, options: dict) -> tuple[str, int, dict]:
     """(sampler, steps, options) as sampling will use them; a wrong option name or type is refused here,
     before any sampling work (None: the toolkit's rule picks the sampler for a budget of ``steps``)."""
-    reg = _registry()
+    from ..sampling.registry import SAMPLERS, resolve_sampler
+
     check_samplers([sampler])
-    if hasattr(reg, "resolve_sampler"):
-        sampler, steps, options = reg.resolve_sampler(sampler, steps, dict(options))
-    elif sampler is None:
-        sampler = reg.default_sampler(steps)
-        steps = max(1, reg.SAMPLERS[sampler].steps_for(steps))
-    defaults = reg.SAMPLERS[sampler].options
+    sampler, steps, options = resolve_sampler(sampler, steps, dict(options))
+    defaults = SAMPLERS[sampler].options
     for key, value in options.items():
         if key not in defaults:
             raise UserError(f"sampler {sampler!r} takes no option {key!r}; its options: "
@@ -126,16 +116,12 @@ def _same_kind(value, default) -> bool:
 
 def run_settings(trained, sampler: str | None, steps: int | None, options: dict) -> tuple[str, int, dict]:
     """The sampler settings of a command: the run's own (config sample.*) unless named; ``auto``: by budget."""
-    from ..io.checkpoint import config_value
-
-    cfg = trained.config
+    own = trained.config["sample"]
     if sampler is None:
-        sampler = config_value(cfg, "sample.sampler")
-        options = {**(config_value(cfg, "sample.options") or {}), **options}
+        sampler, options = own["sampler"], {**(own.get("options") or {}), **options}
     elif sampler == "auto":
         sampler = None
-    steps = steps or config_value(cfg, "sample.steps", 20)
-    return resolve(sampler, steps, options)
+    return resolve(sampler, steps or own["steps"], options)
 
 
 def check_grid(sigmas: str, spacing: str) -> None:
@@ -145,26 +131,6 @@ def check_grid(sigmas: str, spacing: str) -> None:
         raise UserError(f"unknown --sigmas {sigmas!r}; choose one of: {', '.join(SIGMA_GRIDS)}")
     if spacing not in SPACINGS:
         raise UserError(f"unknown --spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
-
-
-def generate(trained, n: int, **kwargs):
-    """The one seeded, batched generation loop (sample i: seed + i); float32 CPU tensor."""
-    try:
-        from ..sampling.generate import generate as loop
-    except ImportError:   # before sampling/generate.py exists: the trainer's loop, without a progress bar
-        from ..training import generate as loop
-        kwargs.pop("progress", None)
-    return loop(trained, n, **kwargs)
-
-
-def save_picture(x, path, title: str = "", raw: bool = False):
-    """Images as a titled grid (``raw``: plain tiles), vectors as a scatter plot; written atomically."""
-    try:
-        from ..viz import save_samples
-    except ImportError:   # before the viz package has save_samples: the trainer's (plain grid)
-        from ..training import save_samples
-        return save_samples(x, path, title=title)
-    return save_samples(x, path, title=title, raw=raw)
 
 
 def npz_arrays(x) -> dict:
@@ -210,11 +176,13 @@ def run(args) -> int:
 
     from ..device import resolve_device
     from ..io.checkpoint import load_model_from_run
+    from ..sampling.generate import generate
+    from ..viz import sample_suffixes, save_samples
 
     device = resolve_device(args.device)
     trained = load_model_from_run(args.run, use_ema=not args.no_ema, step=args.step, device=device)
     images = len(trained.sample_shape) == 3
-    if images and out.suffix.lower() not in (".npz", *IMAGE_SUFFIXES):
+    if out.suffix.lower() not in (".npz", *sample_suffixes(trained.sample_shape)):
         raise UserError(f"{out}: a grid of images is written as {', '.join(IMAGE_SUFFIXES)} (or .npz); "
                         f"{out.suffix} is for plots of vector data")
     if args.raw_grid and not images:
@@ -229,8 +197,8 @@ def run(args) -> int:
     else:
         title = (f"{Path(args.run).resolve().name}: step {trained.step}, {sampler} {steps} steps, "
                  f"seeds {args.seed}..{args.seed + args.n - 1}")
-        save_picture(x, out, title=title, raw=args.raw_grid)
+        save_samples(x, out, title=title, raw=args.raw_grid)
     weights = "trained" if args.no_ema else "EMA"
-    print(f"wrote {args.n} samples of {args.run} (step {trained.step}, {weights} weights, {sampler} "
-          f"{options or ''} with {steps} steps) to {out}")
+    print(f"wrote {args.n} samples of {args.run} (step {trained.step}, {weights} weights, {sampler}"
+          f"{' ' + str(options) if options else ''}, {steps} steps) to {out}")
     return 0

@@ -103,7 +103,7 @@ def _trajectory(args) -> int:
     from ..viz import plot_trajectory, record_trajectory
     from .sample import check_samplers
 
-    check_samplers([args.sampler])
+    check_samplers([args.sampler], auto=False)
     if args.steps < 1 or args.frames < 1:
         raise UserError("--steps and --frames must be >= 1")
     trained = _load(args)
@@ -122,7 +122,7 @@ def _samplers(args) -> int:
     names = [s.strip() for s in args.samplers.split(",") if s.strip()]
     if not names:
         raise UserError("--samplers names no sampler")
-    check_samplers(names)                          # every name, before any sampling
+    check_samplers(names, auto=False)              # every name, before any sampling
     try:
         counts = [int(s) for s in args.step_counts.split(",") if s.strip()]
     except ValueError:

@@ -32,15 +32,10 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from .files import fsync_dir, fsync_file, write_json
-
-if TYPE_CHECKING:
-    from ..core.schedules import NoiseSchedule
 
 FORMAT = "diffusion_forge.checkpoint"
 FORMAT_VERSION = 2
@@ -355,44 +350,14 @@ def latest_checkpoint(root: str | os.PathLike, verify: bool = True) -> Checkpoin
 # ---------------------------------------------------------------------------------------------
 # A trained model, ready to sample
 
-# Where the nested config (format_version 2) keeps what the loader reads, and its flat name of version 1.
-FLAT_NAMES = {"diffusion.prediction": "prediction", "data.source": "data", "sample.sampler": "sampler",
-              "sample.steps": "sample_steps", "sample.options": "sampler_options", "sample.n": "sample_n",
-              "conditioning.num_classes": "num_classes"}
-
-
-def config_value(config: dict, dotted: str, default=None):
-    """``config["section"]["key"]`` of a nested config, or the key's flat name in a version-1 config."""
-    section, key = dotted.split(".", 1)
-    if isinstance(config.get(section), dict):
-        return config[section].get(key, default)
-    return config.get(FLAT_NAMES.get(dotted, key), default)
-
-
 def nested_config(config: dict) -> dict:
-    """A checkpoint's config as the nested dict of ``training.config`` (a flat version-1 one converted);
-    as saved while that module is not there to convert it."""
-    try:
-        from ..training.config import Config
-    except ImportError:
-        return dict(config)
+    """A checkpoint's config as the nested dict of ``training.config`` (a flat version-1 one converted)."""
+    from ..training.config import Config
+
     try:
         return Config.from_dict(config).to_dict()
     except ValueError as e:
         raise CheckpointError(f"the run's config does not fit this version of diffusion_forge: {e}") from e
-
-
-@dataclass
-class TrainedModel:
-    """A network and the process it was trained for (what a run gave before ``denoise.Denoiser``)."""
-
-    model: torch.nn.Module
-    schedule: NoiseSchedule
-    prediction: str
-    sample_shape: tuple[int, ...]  # one sample's shape, e.g. (1, 28, 28)
-    config: dict
-    step: int
-    num_classes: int = 0
 
 
 def find_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> Checkpoint:
@@ -426,7 +391,7 @@ def load_model_from_run(run_dir: str | os.PathLike, use_ema: bool = True, step: 
     weights, the EMA average by default, in eval mode. Returns a ``Denoiser`` (``D(x, sigma) -> x0`` with the
     run's schedule and prediction type) with ``.config`` (nested), ``.step``, ``.num_classes`` and
     ``.sample_shape``; its ``.model`` carries ``diffusion_config``. Reads format versions 1 and 2."""
-    from ..core.schedules import NoiseSchedule
+    from ..denoise import Denoiser
     from ..device import resolve_device
     from ..models import build_model
 
@@ -440,10 +405,10 @@ def load_model_from_run(run_dir: str | os.PathLike, use_ema: bool = True, step: 
     # what the network was trained for: recorded whole by version 2, in pieces by version 1
     diffusion = dict(extra.get("diffusion_config") or {})
     diffusion.setdefault("schedule", extra.get("schedule"))
-    diffusion.setdefault("prediction", config_value(config, "diffusion.prediction"))
+    diffusion.setdefault("prediction", config["diffusion"]["prediction"])
     if diffusion["schedule"] is None or diffusion["prediction"] is None:
         raise CheckpointError(f"{ckpt.path} records no noise schedule or prediction type")
-    num_classes = int(extra.get("num_classes") or config_value(config, "conditioning.num_classes") or 0)
+    num_classes = int(extra.get("num_classes") or config["conditioning"].get("num_classes") or 0)
     diffusion.setdefault("null_cond", {"class_labels": num_classes} if num_classes else None)
 
     model = build_model(dict(extra["model_config"]))
@@ -453,13 +418,6 @@ def load_model_from_run(run_dir: str | os.PathLike, use_ema: bool = True, step: 
     _load_strict(model, ckpt.tensors(which), ckpt.path / f"{which}.safetensors")
     model = model.to(device).eval().requires_grad_(False)
     model.diffusion_config = diffusion
-    sample_shape = tuple(int(v) for v in extra["sample_shape"])
-    try:
-        from ..denoise import Denoiser
-    except ImportError:   # before the denoise package exists: the same attributes, as a plain record
-        return TrainedModel(model=model, schedule=NoiseSchedule.from_dict(diffusion["schedule"]),
-                            prediction=diffusion["prediction"], sample_shape=sample_shape, config=config,
-                            step=ckpt.step, num_classes=num_classes)
-    denoiser = Denoiser(model, sample_shape=sample_shape).eval()
+    denoiser = Denoiser(model, sample_shape=tuple(int(v) for v in extra["sample_shape"])).eval()
     denoiser.config, denoiser.step, denoiser.num_classes = config, ckpt.step, num_classes
     return denoiser

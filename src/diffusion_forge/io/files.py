@@ -83,11 +83,12 @@ def check_output(path: str | os.PathLike, suffixes: Iterable[str] | None = None,
     path = Path(path)
     if suffixes is not None:
         suffixes = tuple(suffixes)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file name (e.g. {path / ('out' + (suffixes or ('.png',))[0])})")
+    if suffixes is not None:
         if path.suffix.lower() not in suffixes:
             raise OutputError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
                               f"use one of: {', '.join(suffixes)}")
-    if path.is_dir():
-        raise OutputError(f"{path} is a folder; give a file name (e.g. {path / ('out' + (suffixes or ('.png',))[0])})")
     if path.exists() and not force:
         raise OutputError(f"{path} already exists; pass --force to overwrite it, or choose another name")
     check_writable_dir(path.parent)
