@@ -35,15 +35,76 @@ def data_labels(trainer, step: int) -> torch.Tensor:
 
 
 def test_the_network_receives_the_labels_of_its_batch(tmp_path):
+    """With the default dropout (0.1): each label as the data gives it, or the null id 2 where the (seed, step)
+    mask drops it."""
     trainer = T.Trainer(config({**CLASS, "optim.steps": 3, "optim.grad_accum": 2}), tmp_path, progress=False)
     assert trainer.num_classes == 2 and trainer.unwrapped.class_embedding.num_embeddings == 3   # K + 1
     calls = spy(trainer)
     trainer.fit()
     assert len(calls) == 6                                            # 3 steps x 2 micro-batches
+    kept = []
     for step in range(3):
         got = torch.cat([calls[2 * step]["class_labels"], calls[2 * step + 1]["class_labels"]])
-        assert got.dtype == torch.int64 and torch.equal(got, data_labels(trainer, step))
+        mask = dropout_mask(step, 64, 0.1, trainer.cfg.run.seed)
+        expected = torch.where(mask, torch.full_like(got, 2), data_labels(trainer, step))
+        assert got.dtype == torch.int64 and torch.equal(got, expected)
+        kept.append(got[~mask])
+    assert set(torch.cat(kept).tolist()) == {0, 1}
+
+
+def test_dropout_0_trains_no_null_class_and_passes_every_label(tmp_path):
+    trainer = T.Trainer(config({**CLASS, "optim.steps": 3, "conditioning.dropout": 0}), tmp_path, progress=False)
+    assert trainer.null_id is None and trainer.guidance_scale is None
+    assert trainer.unwrapped.class_embedding.num_embeddings == 2                      # K: no null id
+    assert trainer.unwrapped.diffusion_config["null_cond"] is None
+    calls = spy(trainer)
+    trainer.fit()
+    for step, call in enumerate(calls):
+        assert torch.equal(call["class_labels"], data_labels(trainer, step))
     assert set(torch.cat([c["class_labels"] for c in calls]).tolist()) == {0, 1}
+    from diffusion_forge.denoise.guidance import ClassifierFreeGuidance
+    from diffusion_forge.io.checkpoint import load_model_from_run
+
+    D = load_model_from_run(tmp_path)
+    assert D.null_cond is None and D.guidance_scale is None and D.num_classes == 2
+    with pytest.raises(ValueError, match="dropout"):                                 # CFG refused by name
+        ClassifierFreeGuidance(D, 2.0)
+
+
+def test_a_class_run_drops_labels_to_the_null_id_at_the_default_rate_0_1(tmp_path):
+    """conditioning.dropout defaults to 0.1 on a class-conditional run: over 50 global batches of 64 (n = 3200)
+    the null id replaces N labels, N ~ Binomial(n, 0.1): mean 320, sd 17; the bound |N - 320| < 5 sd = 85
+    fails by chance with probability < 1e-6, and fails for a rate of 0 (N = 0) or 0.2 (N ~ 640)."""
+    cfg = config(CLASS)
+    assert cfg.conditioning.dropout == 0.1 == T.TrainConfig().conditioning.dropout
+    trainer = T.Trainer(cfg, tmp_path, progress=False)
+    assert trainer.null_id == 2
+    steps, b, null = 50, cfg.optim.batch_size, 0
+    for step in range(steps):
+        (x0, cond, t, noise), = trainer.global_batch(step)
+        labels, data = cond["class_labels"], data_labels(trainer, step)
+        assert torch.equal(labels[labels != 2], data[labels != 2])                 # the others are the data's own
+        null += int((labels == 2).sum())
+    n, p = steps * b, 0.1
+    assert abs(null - n * p) < 5 * math.sqrt(n * p * (1 - p)), (null, n)
+
+
+def test_an_unconditional_run_is_unaffected_by_the_dropout_default(tmp_path):
+    """The default conditioning.dropout (0.1) applies to conditional runs only: an unconditional run with it
+    trains bit for bit as one with dropout 0 (nothing is drawn for it)."""
+    assert config(MOONS).conditioning.dropout == 0.1
+    a = T.train(config({**MOONS, "optim.steps": 3}), tmp_path / "a", progress=False)
+    b = T.train(config({**MOONS, "optim.steps": 3, "conditioning.dropout": 0}), tmp_path / "b", progress=False)
+    assert a["step"] == b["step"] == 3
+
+    def losses(run):
+        return [r["last_loss"] for r in T.read_metrics(run) if "last_loss" in r]
+
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 3
+    from diffusion_forge.io.checkpoint import load_checkpoint
+
+    ea, eb = load_checkpoint(tmp_path / "a").tensors("ema"), load_checkpoint(tmp_path / "b").tensors("ema")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
 def test_condition_dropout_replaces_the_drawn_fraction_with_the_null_class(tmp_path):

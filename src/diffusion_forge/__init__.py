@@ -6,7 +6,8 @@ The public API (stable names; see shared DESIGN.md):
     sched = df.NoiseSchedule.from_name("cosine", num_timesteps=1000)
     x = df.sample(model, sched, shape=(16, 1, 28, 28), sampler="dpmpp_2m", steps=10)
     D = df.Denoiser(model, sched, prediction="v_prediction")      # the object underneath
-    x = df.sample(df.ClipX0(D), shape=(16, 1, 28, 28), cond={"class_labels": y})
+    x = df.sample(df.ClassifierFreeGuidance(D, scale=3.0), shape=(16, 1, 28, 28), cond={"class_labels": y})
+    x = df.sample(D, shape=(16, 1, 28, 28), cond={"class_labels": y}, guidance_scale=3.0)   # the same
 
 Every name is imported on first use, so `import diffusion_forge` (and `dforge --help`) does not load torch.
 """
@@ -25,6 +26,7 @@ _EXPORTS = {
     "core.losses": ("diffusion_loss", "min_snr_weight", "training_target", "variational_bound",
                     "variational_bound_mc", "bits_per_dim"),
     "denoise.denoiser": ("Denoiser", "ClipX0", "DynamicThreshold"),
+    "denoise.guidance": ("ClassifierFreeGuidance", "ClassifierGuidance", "AutoGuidance"),
     "sampling.api": ("sample",),
     "sampling.generate": ("generate",),
     "sampling.registry": ("SAMPLERS", "resolve_sampler"),

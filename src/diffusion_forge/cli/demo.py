@@ -57,11 +57,15 @@ def run(args) -> int:
         import torch
 
         cond = {"class_labels": torch.arange(args.n) % denoiser.num_classes}
+    # a conditional run: classifier-free guidance at the run's recommended scale (None: no guidance)
+    guidance = {} if denoiser.guidance_scale is None else {"guidance_scale": denoiser.guidance_scale}
     x = generate(denoiser, args.n, seed=0, sampler=sampler, steps=steps, sampler_options=options, cond=cond,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, **guidance)
     samples = to_uint8(x)
-    save_image_grid(samples[:100], out / "samples.png", nrow=10,
-                    title=f"{out.name}: step {denoiser.step}, {sampler}, {steps} steps")
+    cfg_note = f", CFG w = {denoiser.guidance_scale:g}" if guidance else ""
+    rows = None if cond is None else [f"class {int(c)}" for c in cond["class_labels"][:100]]   # a row per class
+    save_image_grid(samples[:100], out / "samples.png", nrow=10, row_labels=rows,
+                    title=f"{out.name}: step {denoiser.step}, {sampler}, {steps} steps{cfg_note}")
     print(f"wrote {out / 'samples.png'} ({min(args.n, 100)} of {args.n} samples, step {denoiser.step}, EMA "
           f"weights, {sampler} {options or ''} with {steps} steps) and the loss curve {out / 'loss.png'}")
     if not args.no_score:

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from ..io.files import PLOT_SUFFIXES
 from . import HelpFormatter, UserError, add_force
+from .guidance_args import add_guidance_args, check_args, guided_denoiser
 
 EXAMPLES = """examples:
   dforge eval runs/mnist --n 2000                       sample 2000 images from the run, score them
   dforge eval samples.npz --data mnist                  samples made anywhere (key "images", uint8 NxHxWxC)
   dforge eval samples.npz --data photos/ --features effnet,inception --inception-weights pt_inception-2015-12-05-6726825d.pth
   dforge eval runs/mnist --n 500 --pairs-out nearest.png --json eval.json
+  dforge eval runs/mnist-cond --class all --guidance-scale 3 --json cfg3.json   guided, balanced classes; on
+                                                        MNIST also the accuracy of the requested digit
 
 Scores carry the feature network and the sample count: "FD-EffNet@2k" is the Frechet distance in
 EfficientNet-Lite0 features of 2,000 samples against 2,000 reference images. FD-EffNet is NOT FID: only
@@ -53,6 +56,7 @@ def register(sub) -> None:
     g.add_argument("--save-samples", metavar="FILE.npz", help="also write the drawn samples")
     g.add_argument("--nll-n", type=int, default=100, help="held-out images for the NLL bound (0: skip)")
     g.add_argument("--nll-t", type=int, default=32, help="timestep strata per image for the NLL (network calls)")
+    add_guidance_args(p)
     p.set_defaults(func=run)
 
 
@@ -65,7 +69,10 @@ NOTES = {
     "recall": "fraction of data inside the samples' k=3 manifold (variety)",
     "near_copies": "samples whose nearest training image is < 1/3 the distance of the second nearest",
     "digit_confidence": "samples the classifier labels with probability >= 0.9",
+    "digit_accuracy": "samples the digit classifier assigns to the requested digit",
 }
+GUIDANCE_FLAGS = ("class_", "guidance_scale", "guidance_rescale", "guidance_interval", "classifier",
+                  "classifier_scale", "autoguidance", "guide_with", "autoguidance_scale")
 
 
 def _note(key: str) -> str:
@@ -82,8 +89,8 @@ def _format(metrics: dict) -> list[str]:
             continue
         if key.startswith("KID") and f"{key} std" in metrics:
             text = f"{value:.5f} +- {metrics[key + ' std']:.5f}"
-        elif key.startswith(("precision", "recall", "near_copies", "digit_confidence")):
-            text = f"{value:.2%}" if key.startswith("near_copies") else f"{value:.3f}"
+        elif key.startswith(("precision", "recall", "near_copies", "digit_confidence", "digit_accuracy")):
+            text = f"{value:.2%}" if key.startswith(("near_copies", "digit_accuracy")) else f"{value:.3f}"
         else:
             text = f"{value:.3f}"
         lines.append(f"  {key:<26} {text:<22} {_note(key)}")
@@ -106,9 +113,10 @@ def run(args) -> int:
             raise UserError(f"unknown feature network {name!r}; choose from: {', '.join(ev.FEATURE_NETWORKS)}")
     if networks and "inception" in networks:
         ev.inception_weights_path(args.inception_weights)   # a clear error before any work
+    check_args(args)                                       # the guidance flags' forms, before any work
     start = time.time()
     report: dict = {"target": str(target)}
-    trained = None
+    trained, labels = None, None
     if not target.exists():
         raise UserError(f"{target} does not exist (give a run folder of `dforge train`, or a .npz file with key "
                         "'images')")
@@ -121,19 +129,30 @@ def run(args) -> int:
         options = parse_options(args.sampler_options)
         trained = load_model_from_run(target, use_ema=not args.no_ema)
         sampler, steps, options = run_settings(trained, args.sampler, args.steps, options)
+        denoiser, classes, guidance = guided_denoiser(args, trained)     # every check before any sampling
+        labels = classes.labels(args.n)
         data = args.data or trained.config["data"]["source"]
         print(f"dforge eval: drawing {args.n} samples from {target} (step {trained.step}, {sampler}"
-              f"{' ' + str(options) if options else ''}, {steps} steps, seeds {args.seed}..{args.seed + args.n - 1})")
-        x = generate(trained, args.n, seed=args.seed, sampler=sampler, steps=steps, sampler_options=options,
-                     batch_size=args.batch_size, progress=True)
-        report.update(step=trained.step, sampler=sampler, steps=steps, sampler_options=options, seed=args.seed)
+              f"{' ' + str(options) if options else ''}, {steps} steps, seeds {args.seed}..{args.seed + args.n - 1}; "
+              f"{guidance['text']})")
+        x = generate(denoiser, args.n, seed=args.seed, sampler=sampler, steps=steps, sampler_options=options,
+                     cond=classes.cond(args.n), batch_size=args.batch_size, progress=True)
+        guidance = {k: v for k, v in guidance.items() if k != "text"} | {"text": guidance["text"]}
+        report.update(step=trained.step, sampler=sampler, steps=steps, sampler_options=options, seed=args.seed,
+                      guidance=guidance)
         if str(data).lower() in TOY_SETS:
             return _toy_report(args, trained, data, x, report)
         images = to_uint8(x)
         if args.save_samples:
-            write_npz(args.save_samples, {"images": images})
-            print(f"  wrote {args.save_samples} (key 'images', uint8 N x H x W x C)")
+            arrays = {"images": images} | ({"labels": labels.numpy()} if labels is not None else {})
+            write_npz(args.save_samples, arrays)
+            print(f"  wrote {args.save_samples} (key 'images', uint8 N x H x W x C"
+                  f"{'; labels, int64 N' if labels is not None else ''})")
     elif target.suffix.lower() == ".npz":
+        given = [f"--{f.rstrip('_').replace('_', '-')}" for f in GUIDANCE_FLAGS if getattr(args, f, None) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} steer sampling, and a sample file is already sampled: give a run "
+                            "folder to draw guided samples from")
         if not args.data:
             raise UserError("a sample file needs --data NAME (the data set to compare with)")
         data = args.data
@@ -148,6 +167,10 @@ def run(args) -> int:
     metrics, extras = ev.evaluate_images(images, data, networks=networks, n_ref=n_ref, split=args.split,
                                          kid=not args.no_kid, pr=not args.no_pr, memorize=not args.no_memorization,
                                          inception_weights=args.inception_weights)
+    if labels is not None and str(data).lower() == "mnist" and trained.num_classes == 10:
+        from ..evaluate.digits import digit_accuracy
+
+        metrics["digit_accuracy"] = digit_accuracy(images, labels.numpy())
     report.update(data=str(data), n=n, n_ref=n_ref, split=args.split, metrics=metrics)
     if trained is not None and args.nll_n > 0:
         report["nll"] = _nll(args, trained, data)
@@ -236,12 +259,15 @@ def _nll(args, trained, data) -> dict:
     held_out = str(data).lower() in BUNDLED
     ds = load_dataset(data, image_size=h, channels=c, split="test" if held_out else "train")
     idx = torch.as_tensor(np.sort(np.random.default_rng(0).permutation(len(ds))[: args.nll_n]))
-    x0, _ = ds.get_batch(idx)
+    x0, cond = ds.get_batch(idx)
+    cond = {"class_labels": cond["class_labels"]} if trained.num_classes and "class_labels" in cond else None
     r = ev.nll_bits_per_dim(trained.model, x0.to(next(trained.model.parameters()).dtype), trained.schedule,
                             trained.prediction, num_t=min(args.nll_t, trained.schedule.num_timesteps),
-                            generator=torch.Generator().manual_seed(0), progress="NLL bound")
+                            generator=torch.Generator().manual_seed(0), progress="NLL bound", cond=cond)
     r.pop("per_image")
     r["source"] = "held-out test" if held_out else "training (no held-out split)"
+    if cond is not None:                    # a class-conditional model: -log p(x | y) with the images' own labels
+        r["source"] += ", given their labels"
     return r
 
 

@@ -5,13 +5,21 @@ any sampling work, and the sample file's layout.
 """
 from __future__ import annotations
 
-import argparse
 
 from ..io.files import IMAGE_SUFFIXES, PLOT_SUFFIXES
 from . import HelpFormatter, UserError, add_force
+from .guidance_args import CONVENTION, add_guidance_args, check_args, guided_denoiser
 
 SIGMAS_HELP = "default (the model's own sigmas at the --spacing timesteps), karras or exponential"
 SPACING_HELP = "trailing (starts at pure noise for every step count), leading or linspace; for --sigmas default"
+EXAMPLES = f"""examples:
+  dforge sample runs/mnist --out samples.png                          the run's own sampler and settings
+  dforge sample runs/mnist-cond --class 7 --guidance-scale 3 --out sevens.png
+  dforge sample runs/mnist-cond --class all --out grid.png            a row per class, the run's recommended w
+  dforge sample runs/mnist --classifier cls/ --class 3 --classifier-scale 2 --out threes.npz
+  dforge sample runs/mnist --autoguidance --autoguidance-scale 2      guided by the run's kept early snapshot
+Guidance convention: {CONVENTION}.
+"""
 
 
 def register(sub) -> None:
@@ -19,7 +27,7 @@ def register(sub) -> None:
                        description="Load a run folder written by `dforge train` (its newest checkpoint, EMA weights "
                                    "by default) and sample it. Image i uses the seed SEED + i, so an image depends "
                                    "on its seed only, not on --n or --batch-size.",
-                       formatter_class=HelpFormatter)
+                       formatter_class=HelpFormatter, epilog=EXAMPLES)
     p.add_argument("run", help="run folder written by `dforge train`")
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--sampler", default=None,
@@ -39,7 +47,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="samples.png",
                    help=f"output file: a picture ({', '.join(IMAGE_SUFFIXES)}: a titled grid of images; vector data: "
                         "a scatter plot, .svg too) or .npz (key `images`: uint8 N x H x W x C; vector data: "
-                        "`samples`, float32)")
+                        "`samples`, float32; plus `labels`, int64 N, when classes are drawn)")
     add_force(p)
     p.add_argument("--raw-grid", action="store_true", help="a plain grid of tiles, no title or margins")
     p.add_argument("--no-ema", action="store_true", help="use the trained weights instead of their EMA")
@@ -47,6 +55,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="samples per network call")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto, a GPU when there is one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_guidance_args(p)
     p.set_defaults(func=run)
 
 
@@ -159,6 +168,7 @@ def write_npz(path, arrays: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def run(args) -> int:
+    import time
     from pathlib import Path
 
     from ..io.files import check_output
@@ -173,6 +183,7 @@ def run(args) -> int:
     if args.sampler not in (None, "auto"):
         check_samplers([args.sampler])
     check_grid(args.sigmas, args.spacing)
+    check_args(args)                                                      # the guidance flags' forms
 
     from ..device import resolve_device
     from ..io.checkpoint import load_model_from_run
@@ -189,16 +200,36 @@ def run(args) -> int:
         raise UserError(f"--raw-grid draws a plain grid of images; this run's samples have shape "
                         f"{tuple(trained.sample_shape)}: leave it off")
     sampler, steps, options = run_settings(trained, args.sampler, args.steps, options)
-    x = generate(trained, args.n, seed=args.seed, sampler=sampler, steps=steps, sampler_options=options,
-                 batch_size=args.batch_size, device=device, sigmas=args.sigmas, spacing=args.spacing,
-                 progress=not args.no_progress)
+    denoiser, classes, guidance = guided_denoiser(args, trained)          # every check before any sampling
+    labels = classes.labels(args.n)
+    start = time.time()
+    x = generate(denoiser, args.n, seed=args.seed, sampler=sampler, steps=steps, sampler_options=options,
+                 cond=classes.cond(args.n), batch_size=args.batch_size, device=device, sigmas=args.sigmas,
+                 spacing=args.spacing, progress=not args.no_progress)
+    seconds = time.time() - start
     if out.suffix.lower() == ".npz":
-        write_npz(out, npz_arrays(x))
+        arrays = npz_arrays(x)
+        if labels is not None:
+            arrays["labels"] = labels.numpy().astype("int64")             # the class of each sample
+        write_npz(out, arrays)
     else:
-        title = (f"{Path(args.run).resolve().name}: step {trained.step}, {sampler} {steps} steps, "
-                 f"seeds {args.seed}..{args.seed + args.n - 1}")
-        save_samples(x, out, title=title, raw=args.raw_grid)
+        what = "" if classes.spec in (None, "all") else f", class {classes.spec}"
+        title = (f"{Path(args.run).resolve().name}: step {trained.step}, {sampler} {steps} steps{what}"
+                 f"{guidance_title(guidance)}, seeds {args.seed}..{args.seed + args.n - 1}")
+        save_samples(x, out, title=title, raw=args.raw_grid, row_labels=classes.row_labels(args.n))
     weights = "trained" if args.no_ema else "EMA"
     print(f"wrote {args.n} samples of {args.run} (step {trained.step}, {weights} weights, {sampler}"
-          f"{' ' + str(options) if options else ''}, {steps} steps) to {out}")
+          f"{' ' + str(options) if options else ''}, {steps} steps; {guidance['text']}; {seconds:.1f} s) to {out}")
     return 0
+
+
+def guidance_title(guidance: dict) -> str:
+    """The guidance part of a picture's title: ", CFG w = 3, classifier s = 1" (empty when none runs)."""
+    parts = []
+    if guidance.get("autoguidance"):
+        parts.append(f"autoguidance s = {guidance['autoguidance']['scale']:g}")
+    if guidance.get("cfg") and guidance["cfg"]["scale"] != 1:
+        parts.append(f"CFG w = {guidance['cfg']['scale']:g}")
+    if guidance.get("classifier"):
+        parts.append(f"classifier s = {guidance['classifier']['scale']:g}")
+    return "".join(f", {p}" for p in parts)

@@ -1,20 +1,21 @@
 """`dforge train`: train a diffusion model into a run folder, or resume it."""
 from __future__ import annotations
 
-import argparse
 
 EXAMPLES = """examples:
   dforge train --data mnist --out runs/mnist                    the default recipe (minutes on 2 cores)
   dforge train --data photos/ --out runs/photos --set data.image_size=32 --set model.preset=tiny
                                                                 a CPU-sized image-folder run (GPU: preset=base)
-  dforge train --data mnist --out runs/mnist-cond --set conditioning.kind=class     class-conditional
+  dforge train --data mnist --conditioning class --out runs/mnist-cond     class-conditional (labels dropped to
+                                                                a null class 10% of the time: one model for
+                                                                conditional and unconditional sampling, and CFG)
   dforge train --data mnist --out runs/sd --set diffusion.schedule=scaled_linear \\
       --set diffusion.beta_start=0.00085 --set diffusion.beta_end=0.012 --set diffusion.prediction=epsilon
   dforge train --out runs/mnist                                 resume (also after a crash or Ctrl-C)
   dforge train --out runs/mnist --set optim.steps=6000 --allow-changes
   dforge train --data mnist --overfit-batch                     does the pipeline learn at all?
-  torchrun --nproc_per_node 2 -m diffusion_forge train --out runs/mnist     2 CPU processes (gloo)
-  accelerate launch --num_processes 4 -m diffusion_forge train --out runs/mnist   4 GPUs
+  torchrun --nproc_per_node 2 -m diffusion_forge train --data mnist --out runs/mnist   2 CPU processes (gloo)
+  accelerate launch --num_processes 4 -m diffusion_forge train --data mnist --out runs/mnist   4 GPUs
 
 config keys (--set SECTION.KEY=VALUE, or a YAML/JSON file of sections; defaults < file < --set;
 the flat names of the first release still work; see docs/training.md):
@@ -35,6 +36,10 @@ def register(sub) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys (sections or dotted keys)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                    help="override one config key, e.g. optim.lr=1e-3 (repeatable); wins over --config")
+    p.add_argument("--conditioning", metavar="KIND", default=None,
+                   help="none or class: condition on the data's class labels (same as --set conditioning.kind=...); "
+                        "a label is replaced by the null class with probability conditioning.dropout (default 0.1), "
+                        "which classifier-free guidance needs")
     p.add_argument("--device", default=None,
                    help="auto, cpu, cuda, cuda:N or mps (same as --set run.device=...; default: run.device)")
     p.add_argument("--allow-changes", action="store_true",
@@ -72,6 +77,8 @@ def _flags(args) -> dict:
     flags = parse_set_flags(args.overrides)
     if args.data is not None:
         flags["data.source"] = args.data
+    if args.conditioning is not None:
+        flags["conditioning.kind"] = args.conditioning
     if args.device is not None:
         flags["run.device"] = args.device
     return flags
@@ -101,6 +108,9 @@ def run(args) -> int:
         result = overfit_batch(cfg, steps=args.overfit_steps, progress=not args.no_progress)
         print(result["verdict"])
         return 0 if result["passed"] else 1
+    if args.print_config and not args.out:  # the config a new run would get
+        print(json.dumps(merge_config(None, args.config, flags).to_dict(), indent=2))
+        return 0
     if not args.out:
         raise UserError("--out RUN_FOLDER is required (it is created, or resumed when it holds a run)")
     out = _check_out(args.out)

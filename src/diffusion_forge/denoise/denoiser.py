@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ..core.process import check_prediction, check_prediction_at_snr0, to_x0_eps
+from ..core.process import check_prediction, check_prediction_at_snr0, from_x0_eps, to_x0_eps
 from ..core.schedules import NoiseSchedule
 from ..device import model_device_dtype
 
@@ -63,6 +63,33 @@ class DenoiserBase(torch.nn.Module):
 
     def predict_x0(self, x_t: torch.Tensor, sigma, **cond) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def predict_raw(self, x_t: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        """This denoiser's x_0 re-expressed as its ``prediction`` type (eps / v / x_0) at (x_t, sigma): the raw
+        prediction of a wrapper, which classifier-free guidance combines (a Denoiser returns its network's)."""
+        x0 = self.predict_x0(x_t, sigma, **cond)
+        return self.prediction_from_x0(x0, x_t, sigma)
+
+    def prediction_from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, sigma) -> torch.Tensor:
+        """The prediction of type ``self.prediction`` that x_0 at (x_t, sigma) corresponds to:
+        eps = (x_t - sqrt(alpha_bar) x_0) / sqrt(1 - alpha_bar), then :func:`process.from_x0_eps`."""
+        alpha_bar = snr0_checked_alpha_bar(self.prediction, sigma_batch(sigma, x_t.shape[0]))
+        a, s = _rows(alpha_bar.sqrt(), x_t), _rows((1 - alpha_bar).sqrt(), x_t)
+        return from_x0_eps(x0, (x_t - a * x0) / s, self.prediction, alpha_bar)
+
+    def x0_from_prediction(self, pred: torch.Tensor, x_t: torch.Tensor, sigma) -> torch.Tensor:
+        """x_0 implied by a raw prediction of type ``self.prediction`` at (x_t, sigma) (:func:`process.to_x0_eps`
+        at alpha_bar = 1 / (1 + sigma^2); 0 at sigma = inf). The map is affine in ``pred`` with coefficients
+        that depend on (x_t, sigma) only, so it commutes with affine combinations of predictions."""
+        alpha_bar = snr0_checked_alpha_bar(self.prediction, sigma_batch(sigma, x_t.shape[0]))
+        return to_x0_eps(pred, self.prediction, x_t, alpha_bar)[0]
+
+
+def snr0_checked_alpha_bar(prediction: str, sigma: torch.Tensor) -> torch.Tensor:
+    """alpha_bar = 1 / (1 + sigma^2) per sample (0 at sigma = inf), refusing epsilon prediction at SNR 0."""
+    alpha_bar = torch.where(torch.isinf(sigma), torch.zeros_like(sigma), 1 / (1 + sigma * sigma))
+    check_prediction_at_snr0(prediction, bool((alpha_bar == 0).any()), SNR0_HINT)
+    return alpha_bar
 
 
 class Denoiser(DenoiserBase):
@@ -116,12 +143,14 @@ class Denoiser(DenoiserBase):
     def predict_x0(self, x_t: torch.Tensor, sigma, **cond) -> torch.Tensor:
         """x_0 from the network's own input x_t at noise level sigma (per sample; +inf: SNR 0):
         alpha_bar = 1 / (1 + sigma^2), t = schedule.t_for_sigma(sigma), x_0 = to_x0_eps(network(x_t, t))."""
+        return self.x0_from_prediction(self.predict_raw(x_t, sigma, **cond), x_t, sigma)
+
+    def predict_raw(self, x_t: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        """The network's raw prediction at x_t and noise level sigma: network(x_t, t = schedule.t_for_sigma(sigma))."""
         sigma = sigma_batch(sigma, x_t.shape[0])
-        alpha_bar = torch.where(torch.isinf(sigma), torch.zeros_like(sigma), 1 / (1 + sigma * sigma))
-        check_prediction_at_snr0(self.prediction, bool((alpha_bar == 0).any()), SNR0_HINT)
+        snr0_checked_alpha_bar(self.prediction, sigma)  # refuse eps at SNR 0 before calling the network
         t = self.schedule.t_for_sigma(sigma).to(torch.float32).to(x_t.device)
-        pred = self.network(x_t, t, **cond)
-        return to_x0_eps(pred, self.prediction, x_t, alpha_bar)[0]
+        return self.network(x_t, t, **cond)
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule!r}, prediction={self.prediction!r}"

@@ -225,3 +225,16 @@ class DigitFeatures:
 
     def features(self, images, batch: int = 1000, progress: str | None = None) -> torch.Tensor:
         return self.model.features(images, batch)
+
+
+def digit_accuracy(images, labels, model: DigitClassifier | None = None) -> float:
+    """Fraction of images the digit classifier (``model``, default the cached one) assigns to the digit asked
+    for: mean over i of [argmax_k p(k | image_i) == labels_i] (real MNIST test digits: its test accuracy,
+    ~99.3%; chance: 10%). ``images`` as :meth:`DigitClassifier.predict_proba` takes them; ``labels`` int (N,)."""
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    if len(labels) != len(images):
+        raise ValueError(f"labels must hold one digit per image ({len(images)}), got {len(labels)}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > 9):
+        raise ValueError(f"labels must be digits 0..9, got {int(labels.min())}..{int(labels.max())}")
+    predicted = (model or digit_classifier()).predict_proba(images).argmax(1)
+    return float((predicted == labels).float().mean())

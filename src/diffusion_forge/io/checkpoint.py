@@ -9,6 +9,8 @@ A training run keeps its checkpoints under ``RUN/checkpoints/``, one folder per 
         state.json              everything else: format, format_version, step, the run's config,
                                 the optimiser's non-tensor parts, EMA counters, loss scaler,
                                 RNG states (base64), and a SHA-256 of each tensor file
+    checkpoints/guide-00000500/ the autoguidance snapshot (run.guide_snapshot_step): the weights and EMA of
+                                that step, written by the same writer, never pruned, never resumed from
 
 Format versions: 1 (the first release) records a flat config; 2 records the nested config
 (``training.config``: sections data, diffusion, model, ...) and, in ``extra``, the network's
@@ -17,103 +19,31 @@ Format versions: 1 (the first release) records a flat config; 2 records the nest
 No pickle anywhere: safetensors for tensors, JSON for the rest. A checkpoint folder is written
 under a temporary name and renamed into place once every file is complete and synced, so it
 appears whole or not at all; a crash mid-write leaves the previous checkpoints untouched. Only the
-newest ``keep`` checkpoints are kept. Loading checks the format, the version and the hashes and
-raises :class:`CheckpointError` with a clear message on a corrupt or foreign folder.
+newest ``keep`` checkpoints are kept: listing, resuming and pruning see ``step-*`` folders only, never the
+guide snapshot. Loading checks the format, the version and the hashes and raises :class:`CheckpointError` with a clear message on a corrupt or foreign folder.
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-import numpy as np
+
 import torch
 from safetensors.torch import load_file, save_file
 from .files import fsync_dir, fsync_file, write_json
+from .state import (CheckpointError, check_fits, flatten_optimizer, load_strict, rng_state, set_rng_state, sha256,
+                    unflatten_optimizer)
 
 FORMAT = "diffusion_forge.checkpoint"
 FORMAT_VERSION = 2
 STEP_DIR = re.compile(r"^step-(\d+)$")
+GUIDE_DIR = re.compile(r"^guide-(\d+)$")
+KINDS = ("step", "guide")    # folder name prefixes: resumable checkpoints, the autoguidance snapshot
 TENSOR_FILES = ("model", "ema", "optimizer")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, foreign, or from an unknown format version."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Small helpers: atomic files, hashes, RNG states as JSON
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
-
-
-def rng_state() -> dict:
-    """The global RNG states (torch CPU, CUDA, NumPy, Python) as JSON-able values."""
-    np_state = np.random.get_state(legacy=False)
-    np_state["state"]["key"] = np_state["state"]["key"].tolist()
-    py_version, py_internal, py_gauss = random.getstate()
-    state = {"torch": _b64(torch.get_rng_state()), "numpy": np_state,
-             "python": [py_version, list(py_internal), py_gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(_unb64(state["torch"]))
-    np_state = dict(state["numpy"])
-    np_state["state"] = dict(np_state["state"], key=np.asarray(np_state["state"]["key"], dtype=np.uint32))
-    np.random.set_state(np_state)
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimiser state <-> (flat tensors, JSON)
-
-def flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split ``optimizer.state_dict()`` into flat tensors ``state.<i>.<name>`` and a JSON part."""
-    tensors, scalars = {}, {}
-    for idx, per_param in state_dict["state"].items():
-        for name, value in per_param.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[name] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    for idx, per_param in meta.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(per_param)
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,17 +67,23 @@ def _save_tensors(tensors: dict, path: Path) -> None:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model, ema=None, optimizer=None, scaler=None,
-                    config: dict | None = None, extra: dict | None = None, keep: int = 3, save_rng: bool = True) -> Path:
+                    config: dict | None = None, extra: dict | None = None, keep: int = 3, save_rng: bool = True,
+                    kind: str = "step") -> Path:
     """Write ``root/step-<step>/`` atomically and keep only the newest ``keep`` checkpoints.
 
     ``model`` is an ``nn.Module`` (unwrapped) or a state dict; ``ema`` an :class:`~.ema.EMA`;
-    ``optimizer`` a torch optimiser; ``scaler`` a GradScaler (its state goes to JSON)."""
+    ``optimizer`` a torch optimiser; ``scaler`` a GradScaler (its state goes to JSON). ``kind="guide"``
+    writes ``root/guide-<step>/`` instead (the autoguidance snapshot): nothing is pruned, and it is never
+    listed, resumed from or pruned as a ``step-*`` checkpoint."""
+    if kind not in KINDS:
+        raise ValueError(f"checkpoint kind must be one of {', '.join(KINDS)}, got {kind!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a crash during an earlier save
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    name = f"{kind}-{step:08d}"
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
     try:
         state: dict = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
@@ -166,12 +102,12 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, ema=None, optimiz
             path = tmp / f"{name}.safetensors"
             _save_tensors(tensors, path)
             fsync_file(path)
-            state["files"][name] = _sha256(path)
+            state["files"][name] = sha256(path)
         write_json(tmp / "state.json", state)
         fsync_dir(tmp)
         aside = None
         if final.exists():  # saving the same step again: move the old one aside first
-            aside = root / f".tmp-old-{step:08d}-{os.getpid()}"
+            aside = root / f".tmp-old-{name}-{os.getpid()}"
             os.replace(final, aside)
         os.replace(tmp, final)
         fsync_dir(root)
@@ -180,7 +116,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, ema=None, optimiz
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prune_checkpoints(root, keep)
+    if kind == "step":
+        prune_checkpoints(root, keep)
     return final
 
 
@@ -197,12 +134,13 @@ def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Reading
 
-def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Checkpoint folders under ``root``, oldest first (by step)."""
-    root = Path(root)
+def list_checkpoints(root: str | os.PathLike, kind: str = "step") -> list[Path]:
+    """Checkpoint folders ``step-*`` under ``root``, oldest first (by step); ``kind="guide"``: the
+    autoguidance snapshots ``guide-*`` instead (never among the step-* ones)."""
+    root, pattern = Path(root), {"step": STEP_DIR, "guide": GUIDE_DIR}[kind]
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := pattern.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
@@ -238,11 +176,11 @@ class Checkpoint:
     def restore(self, model=None, ema=None, optimizer=None, scaler=None, rng: bool = False) -> None:
         """Load what is given from this checkpoint (strictly: every weight must match)."""
         if model is not None:
-            _load_strict(model, self.tensors("model"), self.path / "model.safetensors")
+            load_strict(model, self.tensors("model"), self.path / "model.safetensors")
         if ema is not None:
             if not self.has("ema"):
                 raise CheckpointError(f"checkpoint {self.path} holds no EMA weights")
-            _check_fits(ema.module, self.tensors("ema"), self.path / "ema.safetensors")
+            check_fits(ema.module, self.tensors("ema"), self.path / "ema.safetensors")
             ema.load(self.tensors("ema"), self.state["ema"])
         if optimizer is not None:
             optimizer.load_state_dict(unflatten_optimizer(self.tensors("optimizer"), self.state["optimizer"]))
@@ -250,24 +188,6 @@ class Checkpoint:
             scaler.load_state_dict(self.state["scaler"])
         if rng and "rng" in self.state:
             set_rng_state(self.state["rng"])
-
-
-def _load_strict(module, tensors: dict, where: Path) -> None:
-    _check_fits(module, tensors, where)
-    module.load_state_dict(tensors)
-
-
-def _check_fits(module, tensors: dict, where: Path) -> None:
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", wrong))
-                 if keys]
-        raise CheckpointError(f"{where} does not fit this model ({'; '.join(parts)}); "
-                              "was it written for another model configuration?")
 
 
 def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
@@ -300,7 +220,7 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
         f = path / f"{name}.safetensors"
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {f.name} is missing")
-        if verify and _sha256(f) != digest:
+        if verify and sha256(f) != digest:
             raise CheckpointError(f"checkpoint {path} is corrupt: {f.name} does not match its recorded SHA-256")
     return Checkpoint(path, state)
 
@@ -360,26 +280,36 @@ def nested_config(config: dict) -> dict:
         raise CheckpointError(f"the run's config does not fit this version of diffusion_forge: {e}") from e
 
 
+def _run_root(run_dir: Path) -> Path:
+    """The checkpoints/ folder of a run folder, or CheckpointError: no such folder, a file, not a run folder."""
+    if not run_dir.exists():
+        raise CheckpointError(f"no run folder at {run_dir}: it does not exist")
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is a file, not a run folder of `dforge train`")
+    root = _checkpoint_root(run_dir)
+    if root == run_dir and not (run_dir / "config.json").is_file() and not list_checkpoints(run_dir):
+        raise CheckpointError(f"{run_dir} is not a run folder of `dforge train` (it has no config.json and no "
+                              "checkpoints/ folder)")
+    return root
+
+
 def find_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> Checkpoint:
     """The checkpoint of a run folder to sample: the newest valid one (corrupt newer ones skipped with a
     warning), or the one of ``step``. CheckpointError says what is wrong: no such folder, not a run folder,
     no checkpoint yet, N corrupt checkpoints (named, with why), or the steps there are."""
     run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise CheckpointError(f"no run folder at {run_dir}: it does not exist")
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir} is a file, not a run folder of `dforge train`")
     if (run_dir / "state.json").is_file():      # a checkpoint folder itself
         return load_checkpoint(run_dir)
-    root = _checkpoint_root(run_dir)
-    if root == run_dir and not (run_dir / "config.json").is_file() and not list_checkpoints(run_dir):
-        raise CheckpointError(f"{run_dir} is not a run folder of `dforge train` (it has no config.json and no "
-                              "checkpoints/ folder)")
+    root = _run_root(run_dir)
     if step is not None:
         wanted = root / f"step-{int(step):08d}"
+        if not wanted.is_dir() and (root / f"guide-{int(step):08d}").is_dir():
+            wanted = root / f"guide-{int(step):08d}"          # the autoguidance snapshot of that step
         if not wanted.is_dir():
             steps = [int(STEP_DIR.match(p.name).group(1)) for p in list_checkpoints(root)]
             there = f"its checkpoints are of step {', '.join(map(str, steps))}" if steps else "it holds no checkpoint"
+            guides = [GUIDE_DIR.match(p.name).group(1).lstrip("0") or "0" for p in list_checkpoints(root, "guide")]
+            there += f" (and the autoguidance snapshot of step {', '.join(guides)})" if guides else ""
             raise CheckpointError(f"{run_dir} has no checkpoint of step {step}; {there}")
         return load_checkpoint(wanted)
     return _newest_or_raise(run_dir)
@@ -390,13 +320,58 @@ def load_model_from_run(run_dir: str | os.PathLike, use_ema: bool = True, step: 
     """Rebuild the network of a run folder written by ``dforge train`` and load its newest (or ``step``'s)
     weights, the EMA average by default, in eval mode. Returns a ``Denoiser`` (``D(x, sigma) -> x0`` with the
     run's schedule and prediction type) with ``.config`` (nested), ``.step``, ``.num_classes`` and
-    ``.sample_shape``; its ``.model`` carries ``diffusion_config``. Reads format versions 1 and 2."""
+    ``.sample_shape``, ``.guidance_scale`` (the classifier-free guidance scale to sample with when none is
+    given, None for no guidance) and ``.checkpoint_path``; its ``.model`` carries ``diffusion_config``. Reads
+    format versions 1 and 2. ``step`` may name the autoguidance snapshot's step (see :func:`load_guide_snapshot`)."""
+    return denoiser_from_checkpoint(find_checkpoint(run_dir, step), use_ema, device)
+
+
+def load_guide_snapshot(run_dir: str | os.PathLike, use_ema: bool = True, device: str | torch.device | None = "cpu"):
+    """The autoguidance snapshot of a run folder (``checkpoints/guide-<step>/``, kept by the trainer at
+    ``run.guide_snapshot_step``) as a Denoiser, exactly as :func:`load_model_from_run` returns one: the
+    weaker model that ``AutoGuidance(D, weaker, scale)`` guides the run's own model with. A run without one:
+    :class:`CheckpointError` naming the fix."""
+    run_dir = Path(run_dir)
+    snapshots = list_checkpoints(_run_root(run_dir), "guide")
+    saved = _saved_config(run_dir)
+    if not snapshots:
+        raise CheckpointError(f"{run_dir} holds no autoguidance snapshot (checkpoints/guide-*): {_why_no_guide(saved)}"
+                              "; train with run.guide_snapshot_step=N (N < optim.steps), or guide with another, "
+                              "weaker run: --guide-with RUN2")
+    wanted = saved.get("run", {}).get("guide_snapshot_step")     # the config's own, where several were kept
+    chosen = next((p for p in snapshots if wanted and p.name == f"guide-{int(wanted):08d}"), snapshots[-1])
+    return denoiser_from_checkpoint(load_checkpoint(chosen), use_ema, device)
+
+
+def _saved_config(run_dir: Path) -> dict:
+    """config.json of a run folder as written (nested or flat), {} when absent or unreadable."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _why_no_guide(saved: dict) -> str:
+    run, steps = saved.get("run"), (saved.get("optim") or {}).get("steps")
+    if not isinstance(run, dict) or "guide_snapshot_step" not in run:
+        return "it was trained by a version of diffusion_forge that kept none"
+    n = run["guide_snapshot_step"]
+    if not n:
+        return "it was trained with run.guide_snapshot_step=0"
+    if steps is not None and n >= steps:
+        return f"its run.guide_snapshot_step={n} is not below its optim.steps={steps}"
+    return f"it stopped before step {n} (run.guide_snapshot_step)"
+
+
+def denoiser_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, device: str | torch.device | None = "cpu"):
+    """The Denoiser of a loaded run checkpoint (see :func:`load_model_from_run`)."""
     from ..denoise import Denoiser
     from ..device import resolve_device
     from ..models import build_model
+    from ..training.config import recommended_guidance_scale
 
     device = resolve_device(device)
-    ckpt = find_checkpoint(run_dir, step)
     extra = ckpt.state.get("extra", {})
     for key in ("model_config", "sample_shape"):
         if key not in extra:
@@ -414,10 +389,14 @@ def load_model_from_run(run_dir: str | os.PathLike, use_ema: bool = True, step: 
     model = build_model(dict(extra["model_config"]))
     which = "ema" if use_ema and ckpt.has("ema") else "model"
     if use_ema and which != "ema":
-        warnings.warn(f"{ckpt.path} has no EMA weights; using the trained weights", UserWarning, stacklevel=2)
-    _load_strict(model, ckpt.tensors(which), ckpt.path / f"{which}.safetensors")
+        warnings.warn(f"{ckpt.path} has no EMA weights; using the trained weights", UserWarning, stacklevel=3)
+    load_strict(model, ckpt.tensors(which), ckpt.path / f"{which}.safetensors")
     model = model.to(device).eval().requires_grad_(False)
     model.diffusion_config = diffusion
     denoiser = Denoiser(model, sample_shape=tuple(int(v) for v in extra["sample_shape"])).eval()
     denoiser.config, denoiser.step, denoiser.num_classes = config, ckpt.step, num_classes
+    # the scale recorded at training (the recipe's recommendation then), else what the config resolves to now
+    scale = extra["guidance_scale"] if "guidance_scale" in extra else recommended_guidance_scale(config)
+    denoiser.guidance_scale = scale if diffusion.get("null_cond") else None
+    denoiser.checkpoint_path = ckpt.path
     return denoiser

@@ -9,11 +9,12 @@ import torch
 
 from ..core.schedules import SIGMA_GRIDS, SPACINGS, NoiseSchedule
 from ..denoise.denoiser import ClipX0, DenoiserBase, DynamicThreshold, as_denoiser
+from ..denoise.guidance import ClassifierFreeGuidance, check_class_labels, num_classes_of
 from ..device import model_device_dtype
 from .registry import SAMPLERS, resolve_sampler
 from .utils import Noise, per_sample_generators, start, work_dtype
 
-__all__ = ["sample", "check_cond"]
+__all__ = ["sample", "check_cond", "apply_guidance"]
 
 
 def _noop(*args):
@@ -44,6 +45,21 @@ def apply_x0_wrappers(D: DenoiserBase, clip_x0: bool | float = False,
     return D
 
 
+def apply_guidance(D: DenoiserBase, guidance_scale: float | None = None, guidance_rescale: float = 0.0,
+                   guidance_interval: tuple[float, float] | None = None, cond: dict | None = None) -> DenoiserBase:
+    """``guidance_scale`` w -> :class:`ClassifierFreeGuidance` (pred = pred_uncond + w (pred_cond - pred_uncond))
+    with ``guidance_rescale`` and ``guidance_interval``; None: no guidance (then the labels may be 0..K, K the
+    null class). Class ids of ``cond`` are checked against the classes the denoiser knows."""
+    labels = (cond or {}).get("class_labels")
+    if guidance_scale is None:
+        if guidance_rescale or guidance_interval is not None:
+            raise ValueError("guidance_rescale / guidance_interval apply to classifier-free guidance: pass "
+                             "guidance_scale= too (e.g. guidance_scale=3.0)")
+        check_class_labels(labels, num_classes_of(D), allow_null=True)
+        return D
+    return ClassifierFreeGuidance(D, guidance_scale, rescale=guidance_rescale, interval=guidance_interval)
+
+
 def _check_shape(shape) -> tuple[int, ...]:
     if shape is None:
         raise ValueError("shape= is required: (batch, *sample_shape), e.g. (16, 1, 28, 28)")
@@ -60,7 +76,8 @@ def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None
            cond: dict | None = None, clip_x0: bool | float = False,
            dynamic_threshold: float | tuple[float, float] | None = None, eta: float | None = None,
            s_noise: float | None = None, sampler_options: dict | None = None, device=None,
-           dtype: torch.dtype | None = None, scheduler=None) -> torch.Tensor:
+           dtype: torch.dtype | None = None, scheduler=None, guidance_scale: float | None = None,
+           guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
     """Draw ``shape[0]`` samples from ``model(x_t, t, **cond)`` trained on ``schedule``, or from a (wrapped)
     :class:`~diffusion_forge.Denoiser` passed in place of both (``sample(D, shape=...)``).
 
@@ -80,6 +97,12 @@ def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None
     clip_x0: clamp the x0 prediction to [-1, 1] (or [-c, c] for a number c): :class:`ClipX0`.
         dynamic_threshold: Imagen's quantile p (or (p, max_value)): :class:`DynamicThreshold`.
     eta, s_noise, sampler_options: options of the samplers that take them (``SAMPLERS[name].options``).
+    guidance_scale: classifier-free guidance at scale w, pred = pred_uncond + w (pred_cond - pred_uncond) (w = 1:
+        the conditional model, w = 0: the unconditional one), both branches in one batched network call;
+        the null condition is the denoiser's (``D.null_cond``, what its network was trained with).
+        guidance_rescale: Lin et al.'s rescale in [0, 1] (diffusers' ``guidance_rescale``); guidance_interval:
+        (sigma_lo, sigma_hi), guide only where sigma_lo < sigma <= sigma_hi (Kynkaanniemi et al. 2024).
+        :class:`~diffusion_forge.ClassifierFreeGuidance`; the x0 clamps apply on top of it.
     scheduler: a diffusers scheduler instead of ``sampler``: runs its own loop
         (:func:`diffusion_forge.interop.schedulers.sample_with_scheduler`, the same callback contract).
     Returns a tensor of ``shape`` in the denoiser's space, in ``dtype`` (default: the network's dtype).
@@ -95,12 +118,16 @@ def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None
     if scheduler is not None:
         if sampler is not None:
             raise ValueError("pass either sampler= or scheduler=, not both")
+        if guidance_scale is not None:
+            raise ValueError("guidance_scale applies to our samplers; a diffusers scheduler runs the network's own "
+                             "loop: pass sampler= instead of scheduler=")
         if (clip_x0 is not False and clip_x0 is not None) or dynamic_threshold is not None:
             raise ValueError("clip_x0 / dynamic_threshold apply to our samplers; a diffusers scheduler has its "
                              "own (clip_sample, thresholding in its config)")
         from ..interop.schedulers import sample_with_scheduler
         return sample_with_scheduler(D, scheduler, shape, steps=steps, generator=generator, callback=callback,
                                      device=device, dtype=dtype, cond=cond)
+    D = apply_guidance(D, guidance_scale, guidance_rescale, guidance_interval, cond)
     D = apply_x0_wrappers(D, clip_x0, dynamic_threshold)
     name, steps, options = resolve_sampler(sampler, steps, {"eta": eta, "s_noise": s_noise, **(sampler_options or {})})
     spec = SAMPLERS[name]

@@ -31,7 +31,8 @@ def slice_cond(cond: dict, lo: int, hi: int, n: int) -> dict:
 def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps: int = 20,
              sampler_options: dict | None = None, cond: dict | None = None, batch_size: int = 256, device=None,
              progress: bool = False, callback: Callable | None = None, sigmas: str = "default",
-             spacing: str = "trailing", sample_shape=None) -> torch.Tensor:
+             spacing: str = "trailing", sample_shape=None, guidance_scale: float | None = None,
+             guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
     """``n`` samples from a (wrapped) Denoiser (or a loaded run holding ``.model``, ``.schedule``,
     ``.prediction``), as a float32 CPU tensor of shape (n, *sample_shape), in the denoiser's space.
 
@@ -39,7 +40,9 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
     as :func:`diffusion_forge.sample` (None: the sampler for the NFE budget ``steps``). ``cond``: a dict of
     per-sample tensors of length n, sliced per batch. ``sample_shape`` defaults to ``denoiser.sample_shape``.
     ``callback`` gets each step's dict of every batch, with ``"batch": (lo, hi)`` added. ``progress``: a
-    tqdm bar over samples. The denoiser runs in eval mode (its training flag is restored after)."""
+    tqdm bar over samples. ``guidance_scale``, ``guidance_rescale``, ``guidance_interval``: classifier-free
+    guidance, as :func:`diffusion_forge.sample` (pred = pred_uncond + w (pred_cond - pred_uncond)); other
+    guidance: pass a wrapped denoiser. The denoiser runs in eval mode (its training flag is restored after)."""
     D = as_denoiser(denoiser)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -64,7 +67,8 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
                 cb = None if callback is None else (lambda info, lo=lo, hi=hi: callback({**info, "batch": (lo, hi)}))
                 x = sample(D, shape=(hi - lo, *shape), sampler=sampler, steps=steps, generator=gens,
                            sigmas=sigmas, spacing=spacing, callback=cb, cond=slice_cond(cond, lo, hi, n),
-                           sampler_options=sampler_options, device=device)
+                           sampler_options=sampler_options, device=device, guidance_scale=guidance_scale,
+                           guidance_rescale=guidance_rescale, guidance_interval=guidance_interval)
                 out.append(x.float().cpu())
                 bar.update(hi - lo)
     finally:

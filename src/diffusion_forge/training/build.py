@@ -4,6 +4,7 @@ Conditioning travels with the batch: a data set's ``get_batch(idx)`` gives ``(x,
 dict (``{"class_labels": int64 (B,)}`` for labelled sets, ``{}`` otherwise). With ``conditioning.kind=class``
 the network gets ``num_class_embeds = K + 1`` for K classes: ids 0..K-1 are the classes and id K is the null
 class, which condition dropout puts in place of a label (and classifier-free guidance later samples with).
+``conditioning.dropout=0`` trains no null class: K embeddings, ``null_cond`` None (so no classifier-free guidance).
 """
 from __future__ import annotations
 
@@ -97,9 +98,14 @@ class TrainingData:
         return x.float(), {"class_labels": torch.as_tensor(labels).reshape(len(idx)).long()}
 
 
+def null_class(cfg: Config, num_classes: int = 0) -> int | None:
+    """The null class id K of a run with K classes trained with condition dropout (None: no null class)."""
+    return num_classes if num_classes and cfg.conditioning.dropout > 0 else None
+
+
 def model_config(cfg: Config, sample_shape: tuple[int, ...], num_classes: int = 0) -> dict:
     """What ``models.build_model`` gets: type, preset, the data's shape, the class embedding (K + 1 ids for
-    K classes, the last one null), then the user's overrides (model.options)."""
+    K classes, the last one null; K when conditioning.dropout=0), then the user's overrides (model.options)."""
     mc: dict = {"type": cfg.model.type, "preset": cfg.model.preset}
     if cfg.model.type == "mlp":
         mc["dim"] = int(np.prod(sample_shape))
@@ -109,15 +115,16 @@ def model_config(cfg: Config, sample_shape: tuple[int, ...], num_classes: int = 
                               f"{tuple(sample_shape)}; use model.type=mlp for vectors")
         mc["in_channels"] = sample_shape[0]
         mc["sample_size"] = sample_shape[-1]
-    if num_classes:
-        mc["num_class_embeds"] = num_classes + 1
+    if num_classes:  # K classes, plus the null class K when the run drops labels
+        mc["num_class_embeds"] = num_classes + int(null_class(cfg, num_classes) is not None)
     mc.update(cfg.model.options)
     return mc
 
 
 def diffusion_config(schedule: NoiseSchedule, cfg: Config, sample_shape, num_classes: int = 0) -> dict:
     """What a trained network carries: the process it was trained on, and its null condition."""
-    null = {"class_labels": num_classes} if num_classes else None
+    null_id = null_class(cfg, num_classes)
+    null = {"class_labels": null_id} if null_id is not None else None
     return {"schedule": schedule.to_dict(), "prediction": cfg.diffusion.prediction, "null_cond": null,
             "sample_shape": list(sample_shape)}
 

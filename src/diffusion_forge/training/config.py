@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 
 FORMAT_VERSION = 2
 
+# The classifier-free guidance scale w that benchmarks/guidance.py measured best for the default class-conditional
+# recipe (pred = pred_uncond + w (pred_cond - pred_uncond)): what a class-conditional run samples with when
+# sample.guidance_scale is none. Unconditional runs sample without classifier-free guidance.
+RECOMMENDED_GUIDANCE_SCALE = 2.0
+
 
 def knob(default, help: str, flat: str | None = None):
     """A config field: its default, its help text and (for keys of format_version 1) its old flat name."""
@@ -60,7 +65,8 @@ class ModelConfig:
 @dataclass
 class ConditioningConfig:
     kind: str = knob("none", "none | class (class labels of the data; text comes later)")
-    dropout: float = knob(0.0, "probability that a sample's condition is replaced by the null one")
+    dropout: float = knob(0.1, "probability that a sample's condition is replaced by the null class during training "
+                               "(used when kind != none; 0: no null class, so no classifier-free guidance)")
     num_classes: int | None = knob(None, "number of classes (none: from the data)")
 
 
@@ -94,6 +100,9 @@ class RunConfig:
     log_every: int = knob(10, "metrics.jsonl line and progress-bar update every N steps", "log_every")
     checkpoint_every: int = knob(500, "also at the end and on Ctrl-C", "checkpoint_every")
     keep_checkpoints: int = knob(3, "keep the newest K checkpoints", "keep_checkpoints")
+    guide_snapshot_step: int = knob(500, "keep this step's weights as checkpoints/guide-<step>/, the autoguidance "
+                                         "snapshot (`dforge sample --autoguidance`), never pruned; 0 or a step "
+                                         ">= optim.steps: none")
     sample_every: int = knob(1000, "sample grid into samples/ every N steps (0: only at the end)", "sample_every")
     eval_every: int = knob(0, "FD of eval_n EMA samples every N steps into metrics.jsonl (0: off)", "eval_every")
     eval_n: int = knob(256, "samples per evaluation (small n: FD@256, not comparable to 10k FID)", "eval_n")
@@ -106,6 +115,11 @@ class SampleConfig:
                                                   "(none: the best for the NFE budget)", "sampler")
     steps: int = knob(20, "its steps", "sample_steps")
     options: dict = knob({"eta": 1.8}, "its options (eta > 1: more fresh noise)", "sampler_options")
+    guidance_scale: float | None = knob(None, "classifier-free guidance scale w of the grids and of `dforge sample` "
+                                              "when none is given: pred = pred_uncond + w (pred_cond - pred_uncond), "
+                                              "w = 1 conditional, 0 unconditional (none: the recipe's, "
+                                              f"{RECOMMENDED_GUIDANCE_SCALE:g} for class-conditional runs, "
+                                              "no guidance for unconditional ones)")
 
 
 SECTIONS = {"data": DataConfig, "diffusion": DiffusionConfig, "model": ModelConfig,
@@ -225,7 +239,7 @@ def validate(cfg: Config) -> None:
                    "sample.n", "sample.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.eval_n"):
         at_least(dotted, 1)
     for dotted in ("optim.warmup_steps", "run.sample_every", "optim.weight_decay", "optim.grad_clip", "optim.min_lr",
-                   "run.eval_every"):
+                   "run.eval_every", "run.guide_snapshot_step"):
         at_least(dotted, 0)
     at_least("optim.lr", 0, strict=True)
     for dotted in ("ema.decay", "optim.adam_beta1", "optim.adam_beta2", "conditioning.dropout"):
@@ -240,14 +254,44 @@ def validate(cfg: Config) -> None:
         raise ConfigError("diffusion.zero_terminal_snr needs prediction=v_prediction or sample "
                           "(epsilon is undefined at SNR 0)")
     _check_betas(d)
-    if c.kind == "none" and c.dropout > 0:
-        raise ConfigError(f"conditioning.dropout={c.dropout} needs a condition to drop: set conditioning.kind=class")
+    _check_guidance(cfg)
     if c.num_classes is not None and c.num_classes < 1:
         raise ConfigError(f"conditioning.num_classes must be >= 1 or none, got {c.num_classes}")
     if cfg.data.image_size is not None and cfg.data.image_size < 1:
         raise ConfigError(f"data.image_size must be >= 1 or none, got {cfg.data.image_size}")
     if cfg.data.channels not in (None, 1, 3):
         raise ConfigError(f"data.channels must be 1, 3 or none, got {cfg.data.channels}")
+
+
+def _check_guidance(cfg: Config) -> None:
+    """sample.guidance_scale needs a class-conditional run that has a null class (conditioning.dropout > 0).
+    (conditioning.dropout itself is refused on an unconditional run only where the user sets it: see
+    layers.merge_config; its default applies to conditional runs only.)"""
+    w, c = cfg.sample.guidance_scale, cfg.conditioning
+    if w is None:
+        return
+    if w < 0:
+        raise ConfigError(f"sample.guidance_scale must be >= 0 or none, got {w} (1: the conditional model, "
+                          "0: the unconditional one)")
+    if c.kind == "none":
+        raise ConfigError(f"sample.guidance_scale={w:g} needs a class-conditional run: set conditioning.kind=class "
+                          "(an unconditional model has no condition to guide towards), or drop the key")
+    if c.dropout == 0:
+        raise ConfigError(f"sample.guidance_scale={w:g} needs a null class, and conditioning.dropout=0 trains none: "
+                          "set conditioning.dropout > 0 (the default is 0.1), or drop the key")
+
+
+def recommended_guidance_scale(config) -> float | None:
+    """The classifier-free guidance scale w a run samples with when none is given, from its config (a
+    :class:`Config` or a nested / flat dict, e.g. ``load_model_from_run(RUN).config``): ``sample.guidance_scale``
+    when set; else :data:`RECOMMENDED_GUIDANCE_SCALE` for a class-conditional run with a null class
+    (``conditioning.dropout > 0``); else None (no classifier-free guidance)."""
+    cfg = config if isinstance(config, Config) else Config.from_dict(config)
+    if cfg.sample.guidance_scale is not None:
+        return float(cfg.sample.guidance_scale)
+    if cfg.conditioning.kind != "none" and cfg.conditioning.dropout > 0:
+        return float(RECOMMENDED_GUIDANCE_SCALE)
+    return None
 
 
 def _check_betas(d: DiffusionConfig) -> None:

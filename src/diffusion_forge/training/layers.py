@@ -217,10 +217,19 @@ def merge_config(base: dict | None = None, file: str | Path | None = None, flags
 
     nested = defaults()
     apply(nested, settings(base or {}, notes=False))
-    if file:
-        apply(nested, settings(read_config_file(file), where=f"{file}: "))
-    apply(nested, settings(flags or {}))
-    return Config.from_nested(nested)
+    given = settings(read_config_file(file), where=f"{file}: ") if file else []
+    given += settings(flags or {})
+    cfg = Config.from_nested(apply(nested, given))
+    _check_given_dropout(cfg, given)
+    return cfg
+
+
+def _check_given_dropout(cfg: Config, given: list) -> None:
+    """conditioning.dropout given by the user (a file or a flag, not a saved run's config) on an unconditional
+    run: refused, since there is no condition to drop (its default, 0.1, applies to conditional runs only)."""
+    c = cfg.conditioning
+    if c.kind == "none" and c.dropout > 0 and any(path == ("conditioning", "dropout") for path, _ in given):
+        raise ConfigError(f"conditioning.dropout={c.dropout} needs a condition to drop: set conditioning.kind=class")
 
 
 def config_changes(old: Config, new: Config) -> dict[str, tuple]:

@@ -115,6 +115,14 @@ class Fit:
             self.bar.update(self.window_n)
         self.window_loss, self.window_n, self.window_start = 0.0, 0, now
 
+    def keep_guide_snapshot(self) -> None:
+        """At run.guide_snapshot_step: checkpoints/guide-<step>/, the autoguidance snapshot. Written right after
+        the step and before its checkpoint (even when a stop was asked at that step), so a run that holds a
+        step-N checkpoint (N >= the snapshot's step) also holds the snapshot: a kill in between resumes from an
+        older checkpoint and writes it again."""
+        if self.tr.step == self.tr.guide_step:
+            self.tr.save(kind="guide")
+
     def periodic(self) -> None:
         """Checkpoints, sample grids and evaluations that fall on this step (the end has its own)."""
         tr, r, steps = self.tr, self.cfg.run, self.cfg.optim.steps
@@ -162,6 +170,7 @@ def run_loop(trainer) -> dict:
         fit.t0 = fit.window_start = time.perf_counter()
         while trainer.step < fit.cfg.optim.steps:
             stopping = fit.one_step()
+            fit.keep_guide_snapshot()
             if stopping:
                 break
             fit.periodic()

@@ -8,9 +8,12 @@
             AdamW step       (warm-up then constant / cosine lr, gradient clipping, accumulation, AMP)
             EMA update       (the same on every process: no communication needed)
             every N steps    log to metrics.jsonl, write a sample grid, evaluate, write a checkpoint
+            at step run.guide_snapshot_step   keep checkpoints/guide-<step>/ (autoguidance; never pruned)
 
 A run folder holds ``config.json``, ``checkpoints/``, ``samples/``, ``metrics.jsonl`` and ``loss.png``;
-training into an existing run folder resumes it from its newest checkpoint. Several processes or GPUs go
+training into an existing run folder resumes it from its newest ``step-*`` checkpoint. The sample grids of
+a class-conditional run give sample i the class i mod K (a row per class) and use classifier-free guidance
+at the run's recommended scale (``training.config.recommended_guidance_scale``). Several processes or GPUs go
 through ``accelerate`` (``accelerate launch`` or ``torchrun``): ``optim.batch_size`` is the global batch of
 one optimiser step, split over processes and accumulation steps. Only the main process writes files.
 """
@@ -26,8 +29,8 @@ import torch
 from ..core.losses import diffusion_loss
 from ..io.checkpoint import latest_checkpoint, save_checkpoint
 from ..io.files import atomic_write_text
-from .build import TrainingData, build_network, build_schedule, weights_digest
-from .config import Config
+from .build import TrainingData, build_network, build_schedule, null_class, weights_digest
+from .config import Config, recommended_guidance_scale
 from .determinism import batch_indices, dropout_mask, seed_global_rng, step_noise
 from .ema import EMA
 from .loop import run_loop
@@ -62,6 +65,8 @@ class Trainer:
         self.schedule = build_schedule(cfg)
         self.data = TrainingData(cfg)
         self.sample_shape, self.num_classes = self.data.sample_shape, self.data.num_classes
+        # the CFG scale of the grids and the run's recommendation (recorded in each checkpoint); None: no CFG
+        self.guidance_scale = recommended_guidance_scale(cfg) if null_class(cfg, self.num_classes) is not None else None
         model, self.model_config = build_network(cfg, self.sample_shape, self.schedule, self.num_classes)
         self.ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)  # a copy: carries the diffusion_config too
         self.ema.module.to(self.device)
@@ -86,9 +91,16 @@ class Trainer:
         return self.acc.unwrap_model(self.model)
 
     @property
-    def null_id(self) -> int:
-        """The null class: id K of the K + 1 class embeddings."""
-        return self.num_classes
+    def null_id(self) -> int | None:
+        """The null class: id K of the K + 1 class embeddings (None: conditioning.dropout=0 trains none)."""
+        return null_class(self.cfg, self.num_classes)
+
+    @property
+    def guide_step(self) -> int | None:
+        """The step whose weights are kept as the autoguidance snapshot (None: run.guide_snapshot_step is 0 or
+        not below optim.steps, where the snapshot would be the final model itself)."""
+        n = self.cfg.run.guide_snapshot_step
+        return n if 0 < n < self.cfg.optim.steps else None
 
     # -- one step -------------------------------------------------------------------------------
     def global_batch(self, step: int) -> list[tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]]:
@@ -146,18 +158,22 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def save(self) -> Path | None:
-        """Checkpoint the current step (main process writes; all processes wait for it)."""
+    def save(self, kind: str = "step") -> Path | None:
+        """Checkpoint the current step (main process writes; all processes wait for it). ``kind="guide"``:
+        the autoguidance snapshot ``checkpoints/guide-<step>/`` (weights and EMA, no optimiser; never pruned)."""
         digests = self._gather_digests()
         path = None
         if self.acc.is_main_process:
             extra = {"model_config": self.model_config, "schedule": self.schedule.to_dict(),
                      "diffusion_config": self.unwrapped.diffusion_config, "sample_shape": list(self.sample_shape),
-                     "num_classes": self.num_classes, "num_threads": torch.get_num_threads(),
-                     "num_processes": self.world, "precision": self.precision, "weights_digests": digests}
-            path = save_checkpoint(self.checkpoint_dir, self.step, self.unwrapped, self.ema, self.optimizer,
-                                   self.scaler, config=self.cfg.to_dict(), extra=extra,
-                                   keep=self.cfg.run.keep_checkpoints)
+                     "num_classes": self.num_classes, "guidance_scale": self.guidance_scale,
+                     "num_threads": torch.get_num_threads(), "num_processes": self.world, "precision": self.precision,
+                     "weights_digests": digests}
+            full = kind == "step"
+            path = save_checkpoint(self.checkpoint_dir, self.step, self.unwrapped, self.ema,
+                                   self.optimizer if full else None, self.scaler if full else None,
+                                   config=self.cfg.to_dict(), extra=extra, keep=self.cfg.run.keep_checkpoints,
+                                   save_rng=full, kind=kind)
         self.acc.wait_for_everyone()
         return path
 
@@ -217,24 +233,46 @@ class Trainer:
         """Class labels 0, 1, ..., K-1, 0, 1, ... for n samples of a class-conditional run (None otherwise)."""
         return {"class_labels": torch.arange(n) % self.num_classes} if self.num_classes else None
 
+    def guidance(self) -> dict:
+        """generate's classifier-free guidance arguments for the grids: {} for no guidance."""
+        return {} if self.guidance_scale is None else {"guidance_scale": self.guidance_scale}
+
+    def class_names(self) -> list[str]:
+        """Row labels of the grids: "class c", with the data set's name of class c where it has one."""
+        names = getattr(self.data.dataset, "classes", None) or []
+        return [f"class {c}" + (f" ({names[c]})" if c < len(names) and str(names[c]) != str(c) else "")
+                for c in range(self.num_classes)]
+
     def write_samples(self) -> Path:
-        """A grid of sample.n EMA samples (fixed seeds, so grids of successive steps compare)."""
+        """A grid of sample.n EMA samples (fixed seeds, so grids of successive steps compare). On a
+        class-conditional run sample i has class i mod K, the grid has one row per class, labelled, and the
+        samples use classifier-free guidance at the run's scale."""
         from ..sampling.generate import generate
         from ..viz import save_samples
 
         name, steps, options = self.sampler
         n = self.cfg.sample.n
+        cond = self.sample_cond(n)
         x = generate(self.ema_denoiser(), n, seed=0, sampler=name, steps=steps, sampler_options=options,
-                     cond=self.sample_cond(n), device=self.device)
+                     cond=cond, device=self.device, **self.guidance())
+        guided = f", CFG w = {self.guidance_scale:g}" if self.guidance_scale is not None else ""
+        rows = None if cond is None else [self.class_names()[int(c)] for c in cond["class_labels"]]
         return save_samples(x, self.run_dir / "samples" / f"step-{self.step:08d}.png",
-                            title=f"{self.run_dir.name}, step {self.step} ({name}, {steps} steps)")
+                            title=f"{self.run_dir.name}, step {self.step} ({name}, {steps} steps{guided})",
+                            row_labels=rows)
 
     def evaluate(self) -> dict:
-        """evaluate's quick check on run.eval_n EMA samples (fixed seeds, the run's sampler)."""
+        """evaluate's quick check on run.eval_n EMA samples (fixed seeds, the run's sampler; on a conditional
+        run, classes i mod K and classifier-free guidance at the run's scale, as the grids)."""
         from ..evaluate import evaluate_during_training
 
         cfg, (name, steps, options) = self.cfg, self.sampler
-        return evaluate_during_training(self.ema_denoiser(), cfg.data.source, n=cfg.run.eval_n,
+        D = self.ema_denoiser()
+        if self.guidance_scale is not None:
+            from ..denoise.guidance import ClassifierFreeGuidance
+
+            D = ClassifierFreeGuidance(D, self.guidance_scale)
+        return evaluate_during_training(D, cfg.data.source, n=cfg.run.eval_n,
                                         image_size=cfg.data.image_size, channels=cfg.data.channels, sampler=name,
                                         steps=steps, sampler_options=options, cond=self.sample_cond(cfg.run.eval_n))
 
