@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from diffusion_forge import training as T
 from diffusion_forge.io import checkpoint as ck
 from diffusion_forge.ema import EMA
 
@@ -224,3 +225,105 @@ def test_a_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="skipping checkpoint: checkpoint .*step-00000006 is corrupt"):
         assert ck.find_checkpoint(run).step == 3
 
+
+def test_a_guide_snapshot_is_never_listed_pruned_or_resumed_from(tmp_path):
+    """checkpoints/guide-<step>/ is written by the same atomic writer, survives keep=1 pruning of many step-*
+    checkpoints, and is never the newest checkpoint, even when its step is higher than theirs."""
+    model, opt, ema = _model_and_friends()
+    root = tmp_path / "checkpoints"
+    guide = ck.save_checkpoint(root, 50, model, ema, kind="guide", save_rng=False)
+    assert guide.name == "guide-00000050" and sorted(p.name for p in guide.iterdir()) == [
+        "ema.safetensors", "model.safetensors", "state.json"]                   # no optimiser, no RNG
+    for step in (10, 20, 30, 40):
+        ck.save_checkpoint(root, step, model, ema, opt, keep=1)
+    assert [p.name for p in ck.list_checkpoints(root)] == ["step-00000040"]
+    assert [p.name for p in ck.list_checkpoints(root, "guide")] == ["guide-00000050"]
+    assert ck.load_checkpoint(guide).step == 50 and "rng" not in ck.load_checkpoint(guide).state
+    ck.save_checkpoint(root, 5, model, ema, opt, keep=1)       # an older step: pruned at once, the snapshot kept
+    assert [p.name for p in ck.list_checkpoints(root)] == ["step-00000040"] and guide.is_dir()
+    assert ck.latest_checkpoint(tmp_path).step == 40 and ck.load_checkpoint(tmp_path).step == 40
+    assert ck.find_checkpoint(tmp_path, step=50).path == guide                  # step=N reaches the snapshot
+    with pytest.raises(ck.CheckpointError, match=r"its checkpoints are of step 40 \(and the autoguidance snapshot "
+                                                 r"of step 50\)"):
+        ck.find_checkpoint(tmp_path, step=30)
+    assert not list(root.glob(".tmp-*"))
+    with pytest.raises(ValueError, match="checkpoint kind must be one of step, guide"):
+        ck.save_checkpoint(root, 1, model, kind="best")
+
+
+# ---------------------------------------------------------------------------------------------
+# The autoguidance snapshot the trainer keeps (run.guide_snapshot_step)
+
+_TINY = {"data.source": "moons", "model.type": "mlp", "model.preset": "tiny", "optim.batch_size": 32,
+         "run.mixed_precision": "no", "run.log_every": 1, "run.sample_every": 0, "sample.n": 8, "sample.steps": 2,
+         "optim.warmup_steps": 5}
+
+
+def _tiny(overrides: dict):
+    return T.merge_config(flags={**_TINY, **overrides})
+
+
+def test_the_guide_snapshot_survives_pruning_loads_and_is_not_resumed_from(tmp_path):
+    """run.guide_snapshot_step=3 with keep_checkpoints=1 and a checkpoint every 2 steps: checkpoints/ ends with
+    step-00000008 and guide-00000003, whose EMA equals the step-3 checkpoint of a run that keeps everything;
+    resuming goes on from step 8, not 3."""
+    layout = {"optim.steps": 8, "run.checkpoint_every": 2, "run.keep_checkpoints": 1, "run.guide_snapshot_step": 3}
+    T.train(_tiny(layout), tmp_path / "run", progress=False)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["guide-00000003", "step-00000008"]
+    assert [p.name for p in ck.list_checkpoints(ckpts)] == ["step-00000008"]
+    T.train(_tiny({**layout, "run.checkpoint_every": 1, "run.keep_checkpoints": 10, "run.guide_snapshot_step": 0}),
+            tmp_path / "all", progress=False)
+    assert not list((tmp_path / "all" / "checkpoints").glob("guide-*"))          # 0: none
+    reference = ck.load_checkpoint(tmp_path / "all" / "checkpoints" / "step-00000003").tensors("ema")
+
+    guide = ck.load_guide_snapshot(tmp_path / "run")
+    assert guide.step == 3 and guide.sample_shape == (2,) and guide.config["run"]["guide_snapshot_step"] == 3
+    assert all(torch.equal(v, reference[k]) for k, v in guide.model.state_dict().items())
+    assert ck.load_model_from_run(tmp_path / "run", step=3).step == 3                # step=N finds the snapshot too
+    assert ck.load_model_from_run(tmp_path / "run").step == 8
+
+    cfg, _ = T.run_config(tmp_path / "run", None, {"optim.steps": "10"}, allow_changes=True)
+    trainer = T.Trainer(cfg, tmp_path / "run", progress=False)
+    assert trainer.resume() and trainer.step == 8
+    summary = T.train(cfg, tmp_path / "run", progress=False)
+    assert (summary["start_step"], summary["step"]) == (8, 10)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["guide-00000003", "step-00000010"]
+
+
+def test_a_run_without_a_snapshot_names_the_fix(tmp_path):
+    T.train(_tiny({"optim.steps": 4}), tmp_path / "short", progress=False)     # default step 500 > 4 steps
+    assert not list((tmp_path / "short" / "checkpoints").glob("guide-*"))
+    fix = r"train with run.guide_snapshot_step=N \(N < optim.steps\), or guide with another, weaker run: --guide-with RUN2"
+    with pytest.raises(ck.CheckpointError, match=r"holds no autoguidance snapshot .*run.guide_snapshot_step=500 is not "
+                                              r"below its optim.steps=4; " + fix):
+        ck.load_guide_snapshot(tmp_path / "short")
+    T.train(_tiny({"optim.steps": 4, "run.guide_snapshot_step": 4}), tmp_path / "equal", progress=False)
+    assert not list((tmp_path / "equal" / "checkpoints").glob("guide-*"))     # it would be the final model
+    with pytest.raises(ck.CheckpointError, match=r"trained by a version of diffusion_forge that kept none; " + fix):
+        ck.load_guide_snapshot(FIXTURES / "run_v1")
+    with pytest.raises(ck.CheckpointError, match="it does not exist"):
+        ck.load_guide_snapshot(tmp_path / "missing")
+
+
+def test_a_stop_at_the_snapshot_step_still_keeps_the_snapshot(tmp_path):
+    """--max-minutes (or Ctrl-C) that stops the run right at run.guide_snapshot_step: the snapshot is written
+    before the stop's checkpoint, so the resumed run (which starts after that step) still has it."""
+    flags = {"optim.steps": 6, "run.guide_snapshot_step": 2, "run.checkpoint_every": 100, "run.keep_checkpoints": 1}
+    trainer = T.Trainer(_tiny(flags), tmp_path, progress=False)
+    real = trainer.train_step
+
+    def stop_after_step_2(step):
+        out = real(step)
+        if step == 1:
+            trainer._stop_signal = 2          # as Ctrl-C during step 2
+        return out
+
+    trainer.train_step = stop_after_step_2
+    assert trainer.fit()["interrupted"] and trainer.step == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["guide-00000002", "step-00000002"]
+    guide = ck.load_checkpoint(tmp_path / "checkpoints" / "guide-00000002").tensors("ema")
+    T.train(_tiny(flags), tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["guide-00000002", "step-00000006"]
+    kept = ck.load_guide_snapshot(tmp_path).model.state_dict()
+    assert all(torch.equal(v, guide[k]) for k, v in kept.items())              # the one of the first process

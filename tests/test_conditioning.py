@@ -81,7 +81,7 @@ def test_a_class_run_drops_labels_to_the_null_id_at_the_default_rate_0_1(tmp_pat
     assert trainer.null_id == 2
     steps, b, null = 50, cfg.optim.batch_size, 0
     for step in range(steps):
-        (x0, cond, t, noise), = trainer.global_batch(step)
+        (_, cond, _, _), = trainer.global_batch(step)
         labels, data = cond["class_labels"], data_labels(trainer, step)
         assert torch.equal(labels[labels != 2], data[labels != 2])                 # the others are the data's own
         null += int((labels == 2).sum())
@@ -192,3 +192,79 @@ def test_sections_that_do_not_fit_the_data_are_refused_by_name(tmp_path, overrid
 def test_flip_needs_images(tmp_path):
     with pytest.raises(ValueError, match=r"data.flip=true needs images, and 'moons' holds vectors"):
         T.Trainer(config({**MOONS, "data.flip": "true"}), tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recommended guidance scale and the trainer's grids
+
+def test_the_recommended_guidance_scale_resolves_by_recipe(monkeypatch):
+    from diffusion_forge.training import config as C
+
+    assert C.RECOMMENDED_GUIDANCE_SCALE == 2.0
+    assert C.recommended_guidance_scale(config(CLASS)) == 2.0
+    assert C.recommended_guidance_scale(config(MOONS)) is None                          # unconditional: no CFG
+    assert C.recommended_guidance_scale(config({**CLASS, "conditioning.dropout": 0})) is None   # no null class
+    assert C.recommended_guidance_scale(config({**CLASS, "sample.guidance_scale": 3.5})) == 3.5
+    saved = config(CLASS).to_dict()
+    assert saved["sample"]["guidance_scale"] is None                                     # "the recipe's"
+    assert C.recommended_guidance_scale(saved) == 2.0                                    # a nested dict works too
+    assert C.recommended_guidance_scale({"lr": 1e-3}) is None                           # a flat version-1 one too
+    monkeypatch.setattr(C, "RECOMMENDED_GUIDANCE_SCALE", 4.0)                            # the lead's update
+    assert C.recommended_guidance_scale(saved) == 4.0
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({**MOONS, "sample.guidance_scale": "3"}, ("sample.guidance_scale=3 needs a class-conditional run: set "
+                                               "conditioning.kind=class")),
+    ({**CLASS, "conditioning.dropout": "0", "sample.guidance_scale": "3"},
+     "sample.guidance_scale=3 needs a null class, and conditioning.dropout=0 trains none"),
+    ({**CLASS, "sample.guidance_scale": "-1"}, "sample.guidance_scale must be >= 0 or none"),
+    ({**CLASS, "run.guide_snapshot_step": "-1"}, "run.guide_snapshot_step must be >= 0"),
+])
+def test_guidance_keys_are_validated_by_name(bad, message):
+    with pytest.raises(ValueError, match=message):
+        config(bad)
+
+
+def test_class_conditional_grids_use_cfg_at_the_recommended_scale_and_a_row_per_class(tmp_path, monkeypatch):
+    """Sample i of the grid has class i mod K and is drawn with CFG at the run's scale (here the module constant,
+    changed to 3.5 as the lead will after the benchmark); the picture gets one labelled row per class; the scale
+    is recorded in the checkpoint, so the loaded run keeps it when the constant changes again."""
+    import diffusion_forge.sampling.generate as G
+    from diffusion_forge import viz
+    from diffusion_forge.io.checkpoint import load_checkpoint, load_model_from_run
+    from diffusion_forge.training import config as C
+
+    monkeypatch.setattr(C, "RECOMMENDED_GUIDANCE_SCALE", 3.5)
+    calls, pictures = [], []
+    real_generate, real_save = G.generate, viz.save_samples
+    monkeypatch.setattr(G, "generate", lambda *a, **kw: calls.append(kw) or real_generate(*a, **kw))
+    monkeypatch.setattr(viz, "save_samples", lambda *a, **kw: pictures.append(kw) or real_save(*a, **kw))
+    T.train(config({**CLASS, "optim.steps": 2, "sample.n": 5}), tmp_path, progress=False)
+    (kw,), (picture,) = calls, pictures
+    assert kw["guidance_scale"] == 3.5 and torch.equal(kw["cond"]["class_labels"], torch.tensor([0, 1, 0, 1, 0]))
+    up, low = "class 0 (upper)", "class 1 (lower)"                  # moons names its classes
+    assert picture["row_labels"] == [up, low, up, low, up]
+    assert "CFG w = 3.5" in picture["title"] and (tmp_path / "samples" / "step-00000002.png").is_file()
+    assert load_checkpoint(tmp_path).state["extra"]["guidance_scale"] == 3.5
+    monkeypatch.setattr(C, "RECOMMENDED_GUIDANCE_SCALE", 2.0)
+    assert load_model_from_run(tmp_path).guidance_scale == 3.5                 # what the run recorded
+
+    calls.clear(), pictures.clear()
+    T.train(config({**MOONS, "optim.steps": 2, "sample.n": 5}), tmp_path / "uncond", progress=False)
+    assert "guidance_scale" not in calls[0] and calls[0]["cond"] is None and pictures[0]["row_labels"] is None
+    assert load_model_from_run(tmp_path / "uncond").guidance_scale is None
+
+
+def test_evaluation_during_a_class_conditional_run_scores_guided_samples(tmp_path, monkeypatch):
+    import diffusion_forge.evaluate as ev
+    from diffusion_forge.denoise.guidance import ClassifierFreeGuidance
+
+    seen = []
+    real = ev.evaluate_during_training
+    monkeypatch.setattr(ev, "evaluate_during_training", lambda D, *a, **kw: seen.append((D, kw)) or real(D, *a, **kw))
+    T.train(config({**CLASS, "optim.steps": 2, "run.eval_every": 2, "run.eval_n": 64}), tmp_path, progress=False)
+    (D, kw), = seen
+    assert isinstance(D, ClassifierFreeGuidance) and D.scale == 2.0 and D.null_cond == {"class_labels": 2}
+    assert torch.equal(kw["cond"]["class_labels"], torch.arange(64) % 2)
+    assert any(k.startswith("FD-xy@") for r in T.read_metrics(tmp_path) if "eval_seconds" in r for k in r)

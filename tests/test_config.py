@@ -257,3 +257,54 @@ def test_stable_diffusion_betas_train_from_the_command_line(tmp_path):
     assert D.schedule.betas[0].item() == pytest.approx(0.00085, rel=1e-12)
     assert D.schedule.betas[-1].item() == pytest.approx(0.012, rel=1e-12)
     assert D.model.diffusion_config["schedule"]["beta_end"] == 0.012
+
+
+def test_the_conditioning_flag_equals_the_set_form(tmp_path, capsys):
+    from diffusion_forge.cli import main
+    from diffusion_forge.cli.train import epilog
+
+    configs = []
+    for form in (["--conditioning", "class"], ["--set", "conditioning.kind=class"]):
+        assert main(["train", "--data", "digits", *form, "--print-config"]) == 0
+        configs.append(json.loads(capsys.readouterr().out))
+    assert configs[0] == configs[1] and configs[0]["conditioning"]["kind"] == "class"
+    assert configs[0]["conditioning"]["dropout"] == 0.1 and configs[0]["sample"]["guidance_scale"] is None
+    assert configs[0] != json.loads(json.dumps(T.merge_config(flags={"data": "digits"}).to_dict()))
+    out = subprocess.run([sys.executable, "-m", "diffusion_forge", "train", "--help"], capture_output=True, text=True,
+                         timeout=120, check=False).stdout
+    assert "--conditioning KIND" in out and "conditioning.kind=" in out.rsplit("--conditioning KIND", 1)[1][:400]
+    assert main(["train", "--data", "digits", "--conditioning", "text", "--print-config"]) == 2
+    assert "conditioning.kind=text: text conditioning" in _err(capsys)
+    assert main(["train", "--data", "digits", "--conditioning", "clas", "--print-config"]) == 2
+    assert "conditioning.kind='clas' is not one of: none, class" in _err(capsys)
+    assert "--conditioning class" in epilog()
+
+
+def test_train_help_lists_the_guidance_keys_with_their_defaults():
+    from diffusion_forge.cli.train import epilog
+
+    rows = {key: (default, text) for key, default, text in help_rows()}
+    assert rows["conditioning.dropout"][0] == "0.1" and "null class" in rows["conditioning.dropout"][1]
+    assert rows["sample.guidance_scale"][0] == "none"
+    assert "pred_uncond + w (pred_cond - pred_uncond)" in rows["sample.guidance_scale"][1]
+    assert "2 for class-conditional runs" in rows["sample.guidance_scale"][1]
+    assert rows["run.guide_snapshot_step"][0] == "500" and "autoguidance" in rows["run.guide_snapshot_step"][1]
+    lines = epilog().splitlines()
+    for key, default in (("conditioning.dropout", "0.1"), ("sample.guidance_scale", "none"),
+                         ("run.guide_snapshot_step", "500")):
+        line = next(line for line in lines if line.startswith(f"  {key} "))
+        assert line.split()[1] == default, line
+
+
+def test_old_run_configs_without_the_new_keys_load_with_their_defaults(tmp_path):
+    """A format_version 2 config.json written before the guidance keys existed (conditioning.dropout 0.0 saved
+    explicitly, no sample.guidance_scale, no run.guide_snapshot_step) resumes unchanged."""
+    saved = T.merge_config(flags={"data": "moons"}).to_dict()
+    saved["conditioning"]["dropout"] = 0.0
+    del saved["sample"]["guidance_scale"], saved["run"]["guide_snapshot_step"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    cfg, changes = T.run_config(tmp_path, None, {})
+    assert changes == {} and cfg.conditioning.dropout == 0.0
+    assert cfg.sample.guidance_scale is None and cfg.run.guide_snapshot_step == 500
+    with pytest.raises(ConfigError, match="conditioning.dropout=0.2 needs a condition to drop"):
+        T.run_config(tmp_path, None, {"conditioning.dropout": "0.2"}, allow_changes=True)

@@ -152,8 +152,9 @@ def test_outside_the_guidance_interval_the_conditional_prediction_in_one_undoubl
     G = df.ClassifierFreeGuidance(D, 3.0, interval=(0.5, 3.0))
     for s in (0.05, 0.5, 3.5, 40.0):  # sigma_lo itself is outside: the interval is (lo, hi]
         net.calls.clear()
-        assert torch.equal(G(x, s, class_labels=LABELS), D(x, s, class_labels=LABELS))
+        out = G(x, s, class_labels=LABELS)
         assert [c["batch"] for c in net.calls] == [4]
+        assert torch.equal(out, D(x, s, class_labels=LABELS))
     full = df.ClassifierFreeGuidance(D, 3.0)
     assert torch.equal(G(x, 3.0, class_labels=LABELS), full(x, 3.0, class_labels=LABELS))  # sigma_hi: inside
     mixed = G(x, SIGMA, class_labels=LABELS)  # per-sample sigma (0.05, 0.7, 3, 40): rows 1 and 2 are guided

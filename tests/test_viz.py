@@ -241,3 +241,30 @@ def test_forward_strip_and_trajectory_of_a_signal(tmp_path):
                             prediction="sample")
     viz.plot_sampler_grid(tmp_path / "g.png", grid)
     assert _png_ok(tmp_path / "g.png")
+
+
+def test_row_labels_give_one_row_per_label_in_the_order_of_first_appearance(tmp_path):
+    from PIL import Image
+
+    from diffusion_forge.data import to_uint8
+
+    x = torch.linspace(-1, 1, 7 * 4 * 4).reshape(7, 1, 4, 4)
+    labels = [f"class {i % 3}" for i in range(7)]                     # classes i mod 3: rows 0, 1, 2
+    assert viz.group_rows(labels) == [("class 0", [0, 3, 6]), ("class 1", [1, 4]), ("class 2", [2, 5])]
+    raw = viz.save_samples(x, tmp_path / "raw.png", raw=True, row_labels=labels)
+    grid = np.asarray(Image.open(raw))
+    assert grid.shape == (2 + 3 * (4 + 2), 2 + 3 * (4 + 2))           # 3 rows, as long as the longest (3 tiles)
+    images = to_uint8(x)[..., 0]
+    assert (grid[2 + 6:2 + 6 + 4, 2 + 6:2 + 6 + 4] == images[4]).all()  # row 1 ("class 1"), column 1: sample 4
+    assert (grid[2 + 6:2 + 6 + 4, 2 + 12:2 + 12 + 4] == 255).all()     # row 1 has 2 samples: the third is blank
+    titled = viz.save_samples(x, tmp_path / "t.png", title="classes", row_labels=labels)
+    width, height = Image.open(titled).size
+    plain = Image.open(viz.save_samples(x[:6], tmp_path / "p.png", title="classes")).size
+    assert abs(height - plain[1] - (4 + 2) * 16) <= 2                  # 3 rows of 16x enlarged tiles, not 2
+    assert width >= plain[0] + 40                                      # and a band at the left for the labels
+    pts = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
+    assert _png_ok(viz.save_samples(pts, tmp_path / "v.png", row_labels=[f"class {i % 2}" for i in range(40)]))
+    sig = torch.zeros(3, 1, 16)
+    assert _png_ok(viz.save_samples(sig, tmp_path / "s.png", row_labels=["a", "b", "c"]), min_bytes=1000)
+    with pytest.raises(ValueError, match="one label per sample"):
+        viz.save_samples(x, tmp_path / "bad.png", row_labels=labels[:3])

@@ -176,10 +176,13 @@ def run(args) -> int:
         report["nll"] = _nll(args, trained, data)
     for line in _format(metrics):
         print(line)
+    if "guidance" in report:
+        print(f"  {'guidance':<26} {report['guidance']['text']}")
     if "nll" in report:
         r = report["nll"]
+        given = f" given {r['given']}" if r.get("given") else ""
         print(f"  {'NLL (bits/dim)':<26} {r['bpd']:.3f} +- {r['ci95']:.3f}{'':<8} 95% interval; {r['n']} "
-              f"{r['source']} images, {r['num_t']} t-strata each (variational bound, Monte Carlo over t)")
+              f"{r['source']} images{given}, {r['num_t']} t-strata each (variational bound, Monte Carlo over t)")
     if any(k.startswith("FD-EffNet") for k in metrics):
         print("  note: FD-EffNet is not FID; compare it only with FD-EffNet at the same sample count.")
     if "memorization" in extras and args.pairs_out:
@@ -266,8 +269,7 @@ def _nll(args, trained, data) -> dict:
                             generator=torch.Generator().manual_seed(0), progress="NLL bound", cond=cond)
     r.pop("per_image")
     r["source"] = "held-out test" if held_out else "training (no held-out split)"
-    if cond is not None:                    # a class-conditional model: -log p(x | y) with the images' own labels
-        r["source"] += ", given their labels"
+    r["given"] = "their labels" if cond is not None else None   # class-conditional: -log p(x | y), y their own
     return r
 
 
@@ -288,6 +290,8 @@ def _toy_report(args, trained, data, x, report) -> int:
     print(f"dforge eval: {n} points vs {data} ({len(ref)} training points); features = the coordinates")
     for line in _format(metrics):
         print(line)
+    if "guidance" in report:
+        print(f"  {'guidance':<26} {report['guidance']['text']}")
     report.update(data=str(data), n=n, metrics=metrics)
     if args.json:
         _write_json(args.json, report)

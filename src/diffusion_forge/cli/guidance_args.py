@@ -28,7 +28,7 @@ AUTOGUIDANCE_SCALE = 2.0          # Karras et al. 2024 report their best FIDs at
 CLASSIFIER_SCALE = 1.0            # s = 1: p(x | y) proportional to p(x) p(y | x), if the classifier were exact
 SNAPSHOT = "snapshot"             # --autoguidance without a STEP
 DROPOUT_FIX = "train with conditioning.dropout > 0 (e.g. --set conditioning.dropout=0.1)"
-CONFIG_KEYS = ("training keys: conditioning.kind=class (--conditioning class), conditioning.dropout (the label "
+CONFIG_KEYS = ("Training keys: conditioning.kind=class (--conditioning class), conditioning.dropout (the label "
                "dropout that trains the null class), run.guide_snapshot_step (the snapshot --autoguidance uses), "
                "sample.guidance_scale (the recommended w, used when --guidance-scale is not given)")
 
@@ -117,7 +117,8 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
     except ValueError:
         lo = hi = math.nan
     if not (0 <= lo < hi):                  # nan fails too; hi may be inf
-        raise UserError(f"--guidance-interval takes LO,HI: a band of sigma with 0 <= LO < HI (e.g. 0.3,5), got {text!r}")
+        raise UserError(f"--guidance-interval takes LO,HI: a band of sigma with 0 <= LO < HI (e.g. 0.3,5), "
+                        f"got {text!r}")
     return lo, hi
 
 
@@ -290,7 +291,7 @@ def guided_denoiser(args, run_denoiser, cache: dict | None = None):
     w, source = plan.cfg_scale, ""
     if k:
         if w is None:
-            w, source = recommended_scale(trained), " (the run's sample.guidance_scale)"
+            w, source = recommended_scale(trained), " (the run's recommended scale)"
             if w is not None and not has_null(trained):
                 w, source = None, ""        # no trained null condition: the conditional model
         elif w != 1 and not has_null(trained):
@@ -307,8 +308,9 @@ def guided_denoiser(args, run_denoiser, cache: dict | None = None):
         rescale = plan.rescale or 0.0
         D = G.ClassifierFreeGuidance(D, w, rescale=rescale, interval=plan.interval)
         info["cfg"] = {"scale": w, "rescale": rescale, "interval": list(plan.interval) if plan.interval else None}
-        extra = [f"rescale {rescale:g}"] * bool(rescale) + \
-                [f"sigma in [{plan.interval[0]:g}, {plan.interval[1]:g}]"] * bool(plan.interval)
+        extra = [f"rescale {rescale:g}"] if rescale else []
+        if plan.interval:
+            extra.append(f"sigma in [{plan.interval[0]:g}, {plan.interval[1]:g}]")
         parts.append(f"CFG w = {w:g}{source}" + (f" ({', '.join(extra)})" if extra else ""))
     elif k:
         info["cfg"] = {"scale": 1.0, "rescale": 0.0, "interval": None}

@@ -5,7 +5,6 @@ any sampling work, and the sample file's layout.
 """
 from __future__ import annotations
 
-
 from ..io.files import IMAGE_SUFFIXES, PLOT_SUFFIXES
 from . import HelpFormatter, UserError, add_force
 from .guidance_args import CONVENTION, add_guidance_args, check_args, guided_denoiser

@@ -1,8 +1,11 @@
 """`dforge viz`: the pictures that teach (schedules, the forward process, trajectories, samplers)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..io.files import PLOT_SUFFIXES
 from . import HelpFormatter, UserError, add_force
+from .guidance_args import CONVENTION, add_guidance_args, check_args, guided_denoiser, has_null, with_scale
 
 OUT_HELP = f"output picture ({', '.join(PLOT_SUFFIXES)})"
 EXAMPLES = """examples:
@@ -11,12 +14,14 @@ EXAMPLES = """examples:
   dforge viz forward --data moons --out forward-2d.png        a 2-D distribution turning into a Gaussian
   dforge viz trajectory runs/mnist --out trajectory.png       x_t and the predicted x_0 along one sampling run
   dforge viz samplers runs/mnist --out samplers.png --samplers euler,heun,dpmpp_2m --step-counts 5,10,20
+  dforge viz guidance runs/mnist-cond --scales 0,1,2,3,5 --n 8 --out guidance.png   a row per CFG scale w
+  dforge viz guidance runs/mnist --classifier cls/ --scales 0,1,3 --out cg.png     classifier guidance scale s
 Pictures: .png, .jpg or .svg (the suffix picks the format). An existing file is refused unless --force.
 """
 
 
 def register(sub) -> None:
-    p = sub.add_parser("viz", help="pictures: schedules, forward process, trajectories, samplers side by side",
+    p = sub.add_parser("viz", help="pictures: schedules, forward process, trajectories, samplers, guidance",
                        description="Draw the pictures that explain diffusion: noise schedules, data turning into "
                                    "noise, the reverse trajectory of a trained run, and samplers side by side.",
                        formatter_class=HelpFormatter, epilog=EXAMPLES)
@@ -53,6 +58,23 @@ def register(sub) -> None:
             r.add_argument("--samplers", default="euler,heun,ddim,dpmpp_2m,unipc", help="comma-separated samplers")
             r.add_argument("--step-counts", default="5,10,20", help="comma-separated step counts")
             r.add_argument("--n", type=int, default=4, help="samples per cell (2-D data: points per cell)")
+
+    gd = what.add_parser("guidance", help="the same seeds at increasing guidance scale, one row per scale",
+                         description=f"One row per scale, the same seeds (and classes i mod K) along every row. "
+                                     f"{CONVENTION}.", formatter_class=HelpFormatter)
+    gd.add_argument("run", help="a run folder of `dforge train`")
+    gd.add_argument("--scales", default="0,1,2,3,5", help="comma-separated scales, one row each (distinct, >= 0)")
+    gd.add_argument("--n", type=int, default=8, help="samples per row (2-D data: points per panel)")
+    gd.add_argument("--seed", type=int, default=0, help="sample i uses seed + i, in every row")
+    gd.add_argument("--sampler", default=None, help="sampler (default: the run's own, its config sample.sampler; "
+                                                    "auto: the most accurate one for --steps)")
+    gd.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.steps)")
+    gd.add_argument("--sampler-options", metavar="KEY=VALUE,...", help="options of the sampler, e.g. eta=0.5")
+    gd.add_argument("--batch-size", type=int, default=256, help="samples per network call")
+    gd.add_argument("--no-ema", action="store_true", help="use the trained weights, not their EMA")
+    gd.add_argument("--out", default="guidance.png", help=OUT_HELP + "; a grid of images: .png or .jpg")
+    add_force(gd)
+    add_guidance_args(gd, vary=True)
     p.set_defaults(func=run)
 
 
@@ -60,7 +82,8 @@ def run(args) -> int:
     from ..io.files import check_output
 
     check_output(args.out, PLOT_SUFFIXES, force=args.force)      # before any work
-    return {"schedule": _schedule, "forward": _forward, "trajectory": _trajectory, "samplers": _samplers}[args.what](args)
+    return {"schedule": _schedule, "forward": _forward, "trajectory": _trajectory, "samplers": _samplers,
+            "guidance": _guidance}[args.what](args)
 
 
 def _schedule(args) -> int:
@@ -74,8 +97,8 @@ def _schedule(args) -> int:
 def _forward(args) -> int:
     import torch
 
-    from ..data import BUNDLED, TOY_SETS, load_dataset
     from ..core.schedules import NoiseSchedule
+    from ..data import BUNDLED, TOY_SETS, load_dataset
     from ..viz import plot_forward_2d, plot_forward_strip
 
     name = str(args.data).lower()
@@ -135,4 +158,85 @@ def _samplers(args) -> int:
                         prediction=trained.prediction, seed=args.seed)
     plot_sampler_grid(args.out, grid)
     print(f"wrote {args.out} ({len(names)} samplers x {len(counts)} step counts, seeds {args.seed}..{args.seed + n - 1})")
+    return 0
+
+
+SCALE_FLAGS = {"cfg": ("guidance_scale", "--guidance-scale", "w"),
+               "classifier": ("classifier_scale", "--classifier-scale", "s"),
+               "autoguidance": ("autoguidance_scale", "--autoguidance-scale", "s")}
+KIND_NAMES = {"cfg": "classifier-free guidance", "classifier": "classifier guidance", "autoguidance": "autoguidance"}
+
+
+def _scales(text: str) -> list[float]:
+    import math
+
+    try:
+        scales = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        scales = []
+    if not scales or any(not math.isfinite(s) or s < 0 for s in scales) or len(set(scales)) != len(scales):
+        raise UserError(f"--scales takes distinct comma-separated numbers >= 0 (e.g. 0,1,2,3,5), got {text!r}")
+    return scales
+
+
+def _vary(args, trained) -> str:
+    """The kind of guidance --scales sets: --vary, or auto: cfg on class-conditional runs, else classifier
+    guidance with --classifier, else autoguidance with --autoguidance / --guide-with."""
+    if args.vary != "auto":
+        return args.vary
+    if trained.num_classes and has_null(trained):
+        return "cfg"
+    if args.classifier:
+        return "classifier"
+    if args.autoguidance is not None or args.guide_with:
+        return "autoguidance"
+    if trained.num_classes:
+        raise UserError(f"{args.run} has no null class (trained with conditioning.dropout=0), so classifier-free "
+                        "guidance cannot vary: add --classifier CLS or --autoguidance, or train with "
+                        "conditioning.dropout > 0")
+    raise UserError(f"{args.run} is unconditional: vary classifier guidance (--classifier CLS, from dforge "
+                    "train-classifier --like RUN) or autoguidance (--autoguidance [STEP] or --guide-with RUN2)")
+
+
+def _guidance(args) -> int:
+    import time
+
+    from ..viz import guidance_samples, plot_guidance, sample_suffixes
+    from .sample import parse_options, run_settings
+
+    scales = _scales(args.scales)
+    if args.n < 1 or (args.steps is not None and args.steps < 1) or args.batch_size < 1:
+        raise UserError("--n, --steps and --batch-size must be >= 1")
+    check_args(args)
+    options = parse_options(args.sampler_options)
+    trained = _load(args)
+    if Path(args.out).suffix.lower() not in sample_suffixes(trained.sample_shape):
+        raise UserError(f"{args.out}: a grid of images is written as .png or .jpg")
+    kind = _vary(args, trained)
+    attr, flag, symbol = SCALE_FLAGS[kind]
+    if getattr(args, attr) is not None:
+        raise UserError(f"--scales sets {flag} here ({KIND_NAMES[kind]}): leave {flag} off")
+    sampler, steps, options = run_settings(trained, args.sampler, args.steps, options)
+    cache: dict = {}     # the classifier and the guiding model load once
+    built = {s: guided_denoiser(with_scale(args, kind, s), trained, cache) for s in scales}   # every check first
+    _, classes, info = built[scales[0]]
+    n = args.n if len(trained.sample_shape) > 1 else max(args.n, 500)
+    labels = classes.labels(n)
+    start = time.time()
+    samples = guidance_samples({s: d for s, (d, _, _) in built.items()}, n, seed=args.seed, cond=classes.cond(n),
+                               sampler=sampler, steps=steps, sampler_options=options, batch_size=args.batch_size,
+                               progress=True)
+    seconds = time.time() - start
+    varied = {"cfg": ("CFG", "conditional model"), "classifier": ("classifier guidance",),
+              "autoguidance": ("autoguidance",)}[kind]   # the parts of the description --scales replaces
+    others = [part for part in info["text"].split("; ")[1:] if not part.startswith(varied)]
+    unit = "row" if len(trained.sample_shape) == 3 else "panel"
+    title = (f"{Path(args.run).resolve().name}: {KIND_NAMES[kind]} at increasing {symbol}, the same seeds in every "
+             f"{unit} ({sampler}, {steps} steps{''.join('; ' + p for p in others)})")
+    layout = plot_guidance(args.out, samples, labels=None if labels is None else [f"class {int(y)}" for y in labels],
+                           title=title, symbol=symbol)
+    rows = f"{layout['rows']} {'rows' if layout['kind'] == 'image' else 'panels'}"
+    print(f"wrote {args.out} ({rows}, {KIND_NAMES[kind]} {symbol} = "
+          f"{', '.join(f'{s:g}' for s in scales)}; {n} samples each, seeds {args.seed}..{args.seed + n - 1}, "
+          f"{classes.text}; {sampler}, {steps} steps; {seconds:.1f} s)")
     return 0

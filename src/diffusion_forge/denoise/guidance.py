@@ -116,7 +116,8 @@ def _doubled_cond(cond: dict, null_cond: dict, n: int) -> dict:
                 raise ValueError(f"cond[{key!r}] must be a tensor (one value per sample) to be guided")
             null = _per_sample(null_cond[key], n, f"null_cond[{key!r}]")
             if null is None:
-                raise ValueError(f"null_cond[{key!r}] must be a tensor or a number, got {type(null_cond[key]).__name__}")
+                kind = type(null_cond[key]).__name__
+                raise ValueError(f"null_cond[{key!r}] must be a tensor or a number, got {kind}")
             out[key] = torch.cat([rows, null.to(rows.device, rows.dtype)])
         else:
             out[key] = value if rows is None else torch.cat([rows, rows])
@@ -181,7 +182,7 @@ class ClassifierFreeGuidance(DenoiserWrapper):
         guided = torch.lerp(pred_uncond, pred_cond, w)  # pred_uncond + w (pred_cond - pred_uncond)
         if self.rescale > 0:
             rescaled = rescale_guidance(guided, pred_cond, self.rescale)
-            guided = torch.where(_rows(inside, pred), rescaled, guided)
+            guided = torch.where(inside.to(pred.device).reshape(-1, *[1] * (pred.ndim - 1)), rescaled, guided)
         return self.inner.x0_from_prediction(guided, x_t, sigma)
 
     def extra_repr(self) -> str:
@@ -203,8 +204,9 @@ class ClassifierGuidance(DenoiserWrapper):
     information about x_0, so p(y | x_t) = p(y) and the guidance term is 0 there: the classifier is not called.
 
     The gradient is taken under ``torch.enable_grad()`` (sampling runs under no_grad) wrt x_t in the classifier's
-    dtype. Labels are for the classifier only: an unconditional D (no null condition and no classes) does not
-    receive them. Class ids must be in [0, number of logits).
+    dtype (its parameters', float32 for a plain function, as the network's) and returned in x_t's. Labels are for
+    the classifier only: an unconditional D (no null condition and no classes) does not receive them. Class ids
+    must be in [0, number of logits). Put it over CFG, not under: ``ClassifierGuidance(CFG(D), classifier, s)``.
     """
 
     def __init__(self, inner: DenoiserBase, classifier, scale: float):
@@ -219,7 +221,8 @@ class ClassifierGuidance(DenoiserWrapper):
         """grad_{x_t} log p(y | x_t) per sample (in x_t's dtype), p = softmax(classifier(x_t, t))."""
         sigma = sigma_batch(sigma, x_t.shape[0])
         param = next(iter(self.classifier.parameters()), None) if isinstance(self.classifier, torch.nn.Module) else None
-        device, dtype = (x_t.device, x_t.dtype) if param is None else model_device_dtype(self.classifier)
+        device = x_t.device if param is None else param.device
+        dtype = model_device_dtype(self.classifier)[1]  # its parameters' dtype, float32 for a plain function
         t = self.schedule.t_for_sigma(sigma).to(torch.float32).to(device)
         labels = torch.as_tensor(labels).to(device).long().reshape(-1)
         if labels.shape[0] != x_t.shape[0]:

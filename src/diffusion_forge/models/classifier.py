@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import os
 from pathlib import Path
 
@@ -66,8 +67,12 @@ class NoiseClassifier(nn.Module):
     def __init__(self, num_classes: int, sample_shape, preset: str = "small", **options):
         super().__init__()
         sample_shape = tuple(int(v) for v in sample_shape)
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got num_classes={num_classes!r}")
+        try:
+            num_classes = operator.index(num_classes)
+        except TypeError:
+            raise ValueError(f"num_classes must be a whole number, got {num_classes!r}") from None
+        if num_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got num_classes={num_classes}")
         if len(sample_shape) not in (1, 2, 3) or min(sample_shape) < 1:
             raise ValueError(f"sample_shape must be (D,), (C, L) or (C, H, W), got {sample_shape}")
         arch = architecture(sample_shape)
@@ -112,7 +117,7 @@ class NoiseClassifier(nn.Module):
         self.head = nn.Linear(width, self.num_classes)
 
     @classmethod
-    def from_config(cls, config: dict) -> "NoiseClassifier":
+    def from_config(cls, config: dict) -> NoiseClassifier:
         cfg = {k: v for k, v in config.items() if k != "arch"}
         return cls(int(cfg.pop("num_classes")), cfg.pop("sample_shape"), cfg.pop("preset", "small"), **cfg)
 

@@ -27,11 +27,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..models.classifier import (NoiseClassifier, check_classifier_fits, is_classifier_folder, load_classifier,
-                                 save_classifier, CONFIG_FILE, WEIGHTS_FILE)
+from ..models.classifier import (CONFIG_FILE, WEIGHTS_FILE, NoiseClassifier, check_classifier_fits,
+                                 is_classifier_folder, load_classifier, save_classifier)
 
-__all__ = ["train_classifier", "load_classifier", "check_classifier_fits", "classifier_accuracy", "t_bands",
-           "check_classifier_out", "NoiseClassifier"]
+__all__ = [
+    "NoiseClassifier",
+    "check_classifier_fits",
+    "check_classifier_out",
+    "classifier_accuracy",
+    "load_classifier",
+    "t_bands",
+    "train_classifier",
+]
 
 WARMUP_STEPS, MIN_LR_FRACTION, GRAD_CLIP = 50, 0.1, 1.0
 HELD_OUT_FRACTION = 0.1      # of the training set, when the data has no test split
@@ -193,22 +200,28 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
 def train_classifier(data: str, out: str | os.PathLike, like: str | os.PathLike | None = None, steps: int = 1000,
                      batch_size: int = 128, lr: float = 1e-3, preset: str = "small", seed: int = 0,
                      progress: bool = True, device: str = "auto", force: bool = False, eval_n: int = 1000,
-                     weight_decay: float = 0.01, options: dict | None = None) -> NoiseClassifier:
+                     weight_decay: float = 0.01, options: dict | None = None, schedule=None) -> NoiseClassifier:
     """Train a noise-aware classifier on ``data`` (labels needed) for the schedule and sample shape of the run
     ``like`` (default: the default recipe's), write ``out/config.json`` and ``out/model.safetensors``, and
     return it (eval mode; ``.info`` = config.json, ``.schedule``, ``.path``). Deterministic given ``seed`` on
     one device. ``options`` override the preset (see ``NoiseClassifier``); ``force`` overwrites an existing
-    classifier folder; ``eval_n`` items are held out for the accuracy by t band."""
+    classifier folder; ``eval_n`` items are held out for the accuracy by t band; ``schedule`` (a NoiseSchedule,
+    instead of ``like``) sets the schedule directly, at the data's own size."""
     from tqdm.auto import tqdm
 
     from ..core.process import q_sample
     from ..device import resolve_device
 
-    out = check_classifier_out(out, force)
     steps, batch_size, eval_n = _positive("steps", steps), _positive("batch_size", batch_size), _positive("eval_n", eval_n)
     lr = _positive("lr", lr, float)
     dev = resolve_device(device)
-    schedule, shape, run_classes, like_name = _target(like)
+    if schedule is not None and like is not None:
+        raise ValueError("give like (a run folder) or schedule, not both: like copies the run's schedule")
+    if schedule is None:
+        schedule, shape, run_classes, like_name = _target(like)
+    else:
+        shape = run_classes = like_name = None
+    out = check_classifier_out(out, force)        # before the data are read
     ds = _load(data, shape, "train", progress)
     labels = _labels(ds, data)
     sample_shape = tuple(ds.shape)

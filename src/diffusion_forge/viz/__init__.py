@@ -19,6 +19,6 @@ from .plots import default_schedules, plot_forward_2d, plot_forward_strip, plot_
 from .trajectories import plot_sampler_grid, plot_trajectory, record_trajectory, sampler_grid
 
 __all__ = ["check_picture", "kind_of", "save_figure", "plot_points", "plot_signals", "save_image_grid",
-           "save_samples", "sample_suffixes", "tile_grid", "tile_rows", "group_rows", "guidance_samples", "plot_guidance", "default_schedules", "plot_forward_2d", "plot_forward_strip",
-           "plot_nearest_pairs", "plot_schedules", "plot_sampler_grid", "plot_trajectory", "record_trajectory",
-           "sampler_grid"]
+           "save_samples", "sample_suffixes", "tile_grid", "tile_rows", "group_rows", "guidance_samples",
+           "plot_guidance", "default_schedules", "plot_forward_2d", "plot_forward_strip", "plot_nearest_pairs",
+           "plot_schedules", "plot_sampler_grid", "plot_trajectory", "record_trajectory", "sampler_grid"]

@@ -50,7 +50,7 @@ def plot_guidance(path, samples: dict, labels=None, title: str = "", symbol: str
         return layout
     plt = _plt()
     cols = len(scales)
-    fig, axes = plt.subplots(1, cols, figsize=(3.0 * cols, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, cols, figsize=(3.0 * cols, 3.2), squeeze=False, layout="constrained")
     lim = _lim(*samples.values()) if kind == "vector" else None
     for ax, s, name in zip(axes[0], scales, row_names):
         x = torch.as_tensor(samples[s]).float()
