@@ -57,10 +57,14 @@ from diffusion_forge.data import load_mnist, to_uint8  # noqa: E402
 from diffusion_forge.io.files import write_json  # noqa: E402
 from diffusion_forge.sampling.generate import generate  # noqa: E402
 
-KINDS = ("cfg", "classifier", "autoguidance", "classifier-uncond")
+KINDS = ("cfg", "cfg-interval", "classifier", "autoguidance", "classifier-uncond")
+# Kynkaanniemi et al. 2024's guidance interval for EDM2 (sigma in (0.28, 5.42]), used as it is: not tuned here
+GUIDANCE_INTERVAL = (0.28, 5.42)
 SCALES = (0.0, 1.0, 1.5, 2.0, 3.0, 5.0)
-IDENTITY = {"cfg": 1.0, "classifier": 0.0, "autoguidance": 1.0}   # the scale at which a kind is the plain model
-LABELS = {"cfg": "CFG w", "classifier": "classifier s (at w = 1)", "autoguidance": "autoguidance s",
+# the scale at which a kind is the plain conditional model
+IDENTITY = {"cfg": 1.0, "cfg-interval": 1.0, "classifier": 0.0, "autoguidance": 1.0}
+LABELS = {"cfg": "CFG w", "cfg-interval": f"CFG w, sigma in {GUIDANCE_INTERVAL}", "classifier": "classifier s (at w = 1)",
+          "autoguidance": "autoguidance s",
           "classifier-uncond": "classifier s (unconditional run)"}
 
 
@@ -96,6 +100,8 @@ def guided(kind: str, scale: float, models: dict):
     """The denoiser of one setting (see the module docstring for what each scale means)."""
     if kind == "cfg":
         return df.ClassifierFreeGuidance(models["cond"], scale)
+    if kind == "cfg-interval":
+        return df.ClassifierFreeGuidance(models["cond"], scale, interval=GUIDANCE_INTERVAL)
     if kind == "classifier":
         return df.ClassifierGuidance(models["cond"], models["classifier"], scale)
     if kind == "classifier-uncond":
@@ -154,7 +160,7 @@ def parse_scales(text: str) -> list[float]:
     return scales
 
 
-def plot(results: list[dict], path: Path, title: str) -> None:
+def plot(results: list[dict], floor: dict, path: Path, title: str) -> None:
     from diffusion_forge.viz import _plt, save_figure
 
     plt = _plt()
@@ -163,6 +169,8 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         rows = sorted((r for r in results if r["kind"] == kind), key=lambda r: r["scale"])
         for ax, key, scale in zip(axes, ("accuracy", "fd", "recall"), (100, 1, 100)):
             ax.plot([r["scale"] for r in rows], [scale * r[key] for r in rows], "o-", label=LABELS[kind])
+    for ax, key, scale in zip(axes, ("accuracy", "fd", "recall"), (100, 1, 100)):
+        ax.axhline(scale * floor[key], color="grey", ls="--", lw=1, label="real training digits")
     for ax, ylabel in zip(axes, ("requested digit (%)", "FD-Digits (lower is better)", "recall (%)")):
         ax.set_xlabel("guidance scale")
         ax.set_ylabel(ylabel)
@@ -170,6 +178,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     axes[1].set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -304,7 +313,7 @@ def run_benchmark(argv=None) -> int:
               "requested digit)")
         for k, v in rec["checks"].items():
             print(f"  {'PASS' if v else 'FAIL'}  {k}")
-    plot(results, out / "guidance.png", title)
+    plot(results, scorer.floor, out / "guidance.png", title)
     write_json(out / "results.json", {"run": str(run), "step": models["cond"].step, "n": args.n,
                                       "sampler": sampler, "steps": steps, "sampler_options": options,
                                       "results": results, "real": scorer.floor, "recommended": rec})

@@ -77,7 +77,8 @@ def test_class_all_writes_balanced_labels_and_says_what_ran(runs, tmp_path, caps
     assert out.rstrip().endswith(f"to {tmp_path / 'x.npz'}") and " s) to " in out          # the seconds
     got = _sample(runs["cond"], tmp_path / "y.npz", "--n", "5", "--class", "7")
     assert (got["labels"] == 7).all()
-    assert "CFG w = 2 (the run's recommended scale)" in capsys.readouterr().out          # no --guidance-scale
+    from diffusion_forge.training.config import RECOMMENDED_GUIDANCE_SCALE
+    assert f"CFG w = {RECOMMENDED_GUIDANCE_SCALE:g} (the run's recommended scale)" in capsys.readouterr().out
     assert list(_sample(runs["uncond"], tmp_path / "u.npz", "--n", "3")) == ["images"]   # unconditional: no labels
 
 

@@ -200,14 +200,14 @@ def test_flip_needs_images(tmp_path):
 def test_the_recommended_guidance_scale_resolves_by_recipe(monkeypatch):
     from diffusion_forge.training import config as C
 
-    assert C.RECOMMENDED_GUIDANCE_SCALE == 2.0
-    assert C.recommended_guidance_scale(config(CLASS)) == 2.0
+    assert C.RECOMMENDED_GUIDANCE_SCALE == 1.25                                          # benchmarks/guidance.py
+    assert C.recommended_guidance_scale(config(CLASS)) == 1.25
     assert C.recommended_guidance_scale(config(MOONS)) is None                          # unconditional: no CFG
     assert C.recommended_guidance_scale(config({**CLASS, "conditioning.dropout": 0})) is None   # no null class
     assert C.recommended_guidance_scale(config({**CLASS, "sample.guidance_scale": 3.5})) == 3.5
     saved = config(CLASS).to_dict()
     assert saved["sample"]["guidance_scale"] is None                                     # "the recipe's"
-    assert C.recommended_guidance_scale(saved) == 2.0                                    # a nested dict works too
+    assert C.recommended_guidance_scale(saved) == 1.25                                   # a nested dict works too
     assert C.recommended_guidance_scale({"lr": 1e-3}) is None                           # a flat version-1 one too
     monkeypatch.setattr(C, "RECOMMENDED_GUIDANCE_SCALE", 4.0)                            # the lead's update
     assert C.recommended_guidance_scale(saved) == 4.0
@@ -265,6 +265,6 @@ def test_evaluation_during_a_class_conditional_run_scores_guided_samples(tmp_pat
     monkeypatch.setattr(ev, "evaluate_during_training", lambda D, *a, **kw: seen.append((D, kw)) or real(D, *a, **kw))
     T.train(config({**CLASS, "optim.steps": 2, "run.eval_every": 2, "run.eval_n": 64}), tmp_path, progress=False)
     (D, kw), = seen
-    assert isinstance(D, ClassifierFreeGuidance) and D.scale == 2.0 and D.null_cond == {"class_labels": 2}
+    assert isinstance(D, ClassifierFreeGuidance) and D.scale == 1.25 and D.null_cond == {"class_labels": 2}
     assert torch.equal(kw["cond"]["class_labels"], torch.arange(64) % 2)
     assert any(k.startswith("FD-xy@") for r in T.read_metrics(tmp_path) if "eval_seconds" in r for k in r)

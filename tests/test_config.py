@@ -287,7 +287,7 @@ def test_train_help_lists_the_guidance_keys_with_their_defaults():
     assert rows["conditioning.dropout"][0] == "0.1" and "null class" in rows["conditioning.dropout"][1]
     assert rows["sample.guidance_scale"][0] == "none"
     assert "pred_uncond + w (pred_cond - pred_uncond)" in rows["sample.guidance_scale"][1]
-    assert "2 for class-conditional runs" in rows["sample.guidance_scale"][1]
+    assert "1.25 for class-conditional runs" in rows["sample.guidance_scale"][1]
     assert rows["run.guide_snapshot_step"][0] == "500" and "autoguidance" in rows["run.guide_snapshot_step"][1]
     lines = epilog().splitlines()
     for key, default in (("conditioning.dropout", "0.1"), ("sample.guidance_scale", "none"),

@@ -20,7 +20,6 @@ A classifier folder (written by ``training.classifier.train_classifier``, ``dfor
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import operator
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io.state import sha256
 from .mlp import ResidualMLPBlock
 from .unet import Downsample, ResBlock, TimestepMLP, broadcast_timesteps, timestep_embedding
 
@@ -152,12 +152,6 @@ class NoiseClassifier(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # The folder
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_classifier_folder(path: str | os.PathLike) -> bool:
@@ -182,7 +176,7 @@ def save_classifier(classifier: NoiseClassifier, out: str | os.PathLike, info: d
                            lambda tmp: save_file(state, tmp, metadata={"format": KIND, "format_version": "1"}))
     config = {**info, "kind": KIND, "format_version": FORMAT_VERSION, "num_classes": classifier.num_classes,
               "sample_shape": list(classifier.sample_shape), "model": classifier.config,
-              "model_sha256": _sha256(weights)}
+              "model_sha256": sha256(weights)}
     write_json(out / CONFIG_FILE, config)
     return out
 
@@ -225,7 +219,7 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu")
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ValueError(f"classifier {path} is incomplete: {WEIGHTS_FILE} is missing; train it again with --force")
-    if info.get("model_sha256") not in (None, _sha256(weights)):
+    if info.get("model_sha256") not in (None, sha256(weights)):
         raise ValueError(f"classifier {path} is corrupt: {WEIGHTS_FILE} does not match the SHA-256 in config.json; "
                          "train it again with --force")
     try:

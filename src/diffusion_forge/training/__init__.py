@@ -22,7 +22,7 @@ from .layers import (ALIASES, ChangedSettings, check_keys, coerce, config_change
 # name -> module of this package (or an absolute one), imported on first use
 _LAZY = {
     "Trainer": "trainer", "train": "trainer", "TrainingDiverged": "trainer",
-    "overfit_batch": "diagnostics", "OVERFIT_RATIO": "diagnostics",
+    "overfit_batch": "diagnostics", "OVERFIT_RATIO": "diagnostics", "train_classifier": "classifier",
     "seeded_generator": "determinism", "batch_indices": "determinism", "step_noise": "determinism",
     "epoch_permutation": "determinism", "dropout_mask": "determinism",
     "learning_rate": "precision", "resolve_precision": "precision", "autocast": "precision",

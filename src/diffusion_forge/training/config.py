@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 FORMAT_VERSION = 2
 
 # The classifier-free guidance scale w that benchmarks/guidance.py measured best for the default class-conditional
-# recipe (pred = pred_uncond + w (pred_cond - pred_uncond)): what a class-conditional run samples with when
-# sample.guidance_scale is none. Unconditional runs sample without classifier-free guidance.
-RECOMMENDED_GUIDANCE_SCALE = 2.0
+# recipe (pred = pred_uncond + w (pred_cond - pred_uncond)): the lowest FD-Digits among the scales giving >= 99%
+# of the requested digit (w = 1.25: 99.7%, FD 29.9; w = 1: 98.3%, FD 24.1; README "Conditioning and guidance").
+# What a class-conditional run samples with when sample.guidance_scale is none; unconditional runs sample
+# without classifier-free guidance.
+RECOMMENDED_GUIDANCE_SCALE = 1.25
 
 
 def knob(default, help: str, flat: str | None = None):
