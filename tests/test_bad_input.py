@@ -3,7 +3,7 @@
 A table: one row per case a user hit. Each row runs the command line (through ``main()``, or a real process
 where one is needed) and asserts the exit status, that stderr holds no traceback, that the message names
 the problem (a regular expression), and that every file that existed before is byte-identical after.
-Every bug report of this kind adds a row. ``owner`` names the part of the code a row exercises.
+Every bug report of this kind adds a row. ``area`` names the part of the code a row exercises.
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ class Row:
     phrase: str                  # a regular expression the message must match (case-insensitive)
     setup: Callable[[Path], None] | None = None
     code: int = 2
-    owner: str = "H4"            # H2 train, H3 data, H5 evaluate/viz, H4 cli/checkpoint
+    area: str = "cli"            # the part of the code the row exercises: cli, training, data, checkpoint
     patch: str | None = None     # "read_only": tmp/ro refuses writes (EROFS); "no_cuda": torch sees no GPU
     process: bool = False        # run in a real process (a closed stdout pipe)
     absent: list[str] = field(default_factory=list)   # paths that must not exist after
@@ -125,7 +125,7 @@ ROWS = [
     Row("sample-out-is-folder", ["sample", "{tmp}/run", "--out", "{tmp}/d.npz"], r"d\.npz is a folder",
         both(v1_run, lambda tmp: (tmp / "d.npz").mkdir())),
     Row("sample-out-is-folder-no-suffix", ["sample", "{tmp}/run", "--out", "{tmp}/run"], r"run is a folder", v1_run,
-        owner="lead: io.files.check_output checks for a folder before the suffix"),
+        area="io.files.check_output: a folder before the suffix"),
     Row("sample-out-parent-is-file", ["sample", "{tmp}/run", "--out", "{tmp}/f/x.npz"], r"f is a file, not a folder",
         both(v1_run, files("f"))),
     Row("sample-out-read-only", ["sample", "{tmp}/run", "--out", "{tmp}/ro/x.npz"], r"read-only file system", v1_run,
@@ -138,10 +138,10 @@ ROWS = [
     Row("eval-json-exists", ["eval", "{tmp}/run", "--json", "{tmp}/e.json"], r"e\.json already exists",
         both(v1_run, files("e.json"))),
     Row("train-out-is-file", ["train", "--data", "moons", "--out", "{tmp}/f", *FAST_TRAIN], r"(is a file|exists)",
-        files("f"), owner="H2"),
+        files("f"), area="training"),
     Row("train-out-read-only", ["train", "--data", "moons", "--out", "{tmp}/ro/run", *FAST_TRAIN], r"read-only",
-        patch="read_only", owner="H2", absent=["ro/run/checkpoints"]),
-    Row("train-typo-of-a-run", ["train", "--out", "{tmp}/photoss", *FAST_TRAIN], r"--data", v1_run, owner="H2",
+        patch="read_only", area="training", absent=["ro/run/checkpoints"]),
+    Row("train-typo-of-a-run", ["train", "--out", "{tmp}/photoss", *FAST_TRAIN], r"--data", v1_run, area="training",
         absent=["photoss"]),
     # -- run folders and checkpoints
     Row("sample-no-such-run", ["sample", "{tmp}/nothing", "--out", "{tmp}/x.npz"], r"nothing: it does not exist"),
@@ -177,9 +177,9 @@ ROWS = [
     Row("viz-trajectory-sampler", ["viz", "trajectory", "{tmp}/run", "--sampler", "foo", "--out", "{tmp}/t.png"],
         r"unknown sampler 'foo'", v1_run),
     Row("train-device-unknown", ["train", "--data", "moons", "--out", "{tmp}/r", "--set", "run.device=tpu9", *FAST_TRAIN],
-        r"tpu9", owner="H2"),
+        r"tpu9", area="training"),
     Row("train-device-no-cuda", ["train", "--data", "moons", "--out", "{tmp}/r", "--set", "run.device=cuda",
-                                 *FAST_TRAIN], r"CUDA", owner="H2", patch="no_cuda"),
+                                 *FAST_TRAIN], r"CUDA", area="training", patch="no_cuda"),
     # -- sample files of `dforge eval`
     Row("eval-npz-missing", ["eval", "{tmp}/none.npz", "--data", "digits"], r"none\.npz does not exist"),
     Row("eval-npz-not-zip", ["eval", "{tmp}/fake.npz", "--data", "digits"], r"fake\.npz is not an \.npz file",
@@ -196,26 +196,26 @@ ROWS = [
         npz("s.npz", x=np.zeros(3))),
     # -- config files and keys (issue 8: did-you-mean; sections that do not fit)
     Row("train-yaml-syntax", ["train", "--data", "moons", "--out", "{tmp}/r", "--config", "{tmp}/bad.yaml", *FAST_TRAIN],
-        r"bad\.yaml", files("bad.yaml", content=b"lr: [1, 2\nsteps: 3\n"), owner="H2"),
+        r"bad\.yaml", files("bad.yaml", content=b"lr: [1, 2\nsteps: 3\n"), area="training"),
     Row("train-json-syntax", ["train", "--data", "moons", "--out", "{tmp}/r", "--config", "{tmp}/bad.json", *FAST_TRAIN],
-        r"bad\.json", files("bad.json", content=b"{lr: 1"), owner="H2"),
+        r"bad\.json", files("bad.json", content=b"{lr: 1"), area="training"),
     Row("train-dotted-key-typo", ["train", "--data", "moons", "--out", "{tmp}/r", "--set", "optim.lrr=1", *FAST_TRAIN],
-        r"did you mean optim\.lr", owner="H2"),
+        r"did you mean optim\.lr", area="training"),
     Row("train-class-without-labels", ["train", "--data", "{tmp}/imgs", "--out", "{tmp}/r", "--set", "model.preset=tiny",
                                        "--set", "conditioning.kind=class", *FAST_TRAIN], r"conditioning\.kind=class.*labels",
-        png_folder("imgs", [(8, 8)] * 4), owner="H2"),
+        png_folder("imgs", [(8, 8)] * 4), area="training"),
     Row("train-text-without-captions", ["train", "--data", "digits", "--out", "{tmp}/r", "--set", "conditioning.kind=text",
-                                        *FAST_TRAIN], r"conditioning\.kind=text.*captions", owner="H2"),
+                                        *FAST_TRAIN], r"conditioning\.kind=text.*captions", area="training"),
     Row("train-print-config-head", ["train", "--data", "moons", "--out", "{tmp}/r", "--print-config"], r"^$",
-        code=141, owner="H4", process=True),
+        code=141, area="cli", process=True),
     # -- data (issue 8: a corrupt image is skipped with a warning naming it)
     Row("data-corrupt-image-warns", ["datasets", "--check", "{tmp}/imgs"], r"datasets: warning: .*broken\.png",
-        png_folder("imgs", [(8, 8)] * 4, extra=NOT_IMAGES), code=0, owner="H3"),
-    Row("data-only-dot-files", ["datasets", "--check", "{tmp}/dots"], r"(skip|hidden|dot)", dot_files_only, owner="H3"),
+        png_folder("imgs", [(8, 8)] * 4, extra=NOT_IMAGES), code=0, area="data"),
+    Row("data-only-dot-files", ["datasets", "--check", "{tmp}/dots"], r"(skip|hidden|dot)", dot_files_only, area="data"),
     Row("data-big-photo-warns", ["datasets", "--check", "{tmp}/big"], r"warning: .*image_size",
-        png_folder("big", [(3000, 2000)], mode="RGB"), code=0, owner="H3"),
+        png_folder("big", [(3000, 2000)], mode="RGB"), code=0, area="data"),
     Row("data-1x1-image", ["train", "--data", "{tmp}/tiny", "--out", "{tmp}/r", "--set", "model.preset=tiny", *FAST_TRAIN],
-        r"image_size", png_folder("tiny", [(1, 1)] * 4), owner="H2/H3"),
+        r"image_size", png_folder("tiny", [(1, 1)] * 4), area="training/data"),
 ]
 
 
@@ -269,24 +269,24 @@ def test_bad_input_gets_one_clear_line(row: Row, tmp_path, capsys, monkeypatch):
         code = main(argv)
         err = capsys.readouterr().err
     monkeypatch.undo()
-    assert code == row.code, f"[{row.owner}] exit status {code}, expected {row.code}; stderr: {err}"
-    assert "Traceback" not in err and "Exception ignored" not in err, f"[{row.owner}] {err}"
+    assert code == row.code, f"[{row.area}] exit status {code}, expected {row.code}; stderr: {err}"
+    assert "Traceback" not in err and "Exception ignored" not in err, f"[{row.area}] {err}"
     lines = [line for line in err.splitlines() if line.strip() and "\r" not in line]   # tqdm bars redraw with \r
     if row.code == 2:
         errors = [line for line in lines if ": error: " in line]
-        assert len(errors) == 1 and errors[0].startswith("dforge "), f"[{row.owner}] not one error line: {err}"
-    assert re.search(row.phrase, err, re.IGNORECASE | re.DOTALL), f"[{row.owner}] {row.phrase!r} not in: {err}"
+        assert len(errors) == 1 and errors[0].startswith("dforge "), f"[{row.area}] not one error line: {err}"
+    assert re.search(row.phrase, err, re.IGNORECASE | re.DOTALL), f"[{row.area}] {row.phrase!r} not in: {err}"
     after = _digests(tmp_path)
     changed = [name for name, digest in before.items() if after.get(name) != digest]
-    assert not changed, f"[{row.owner}] files changed or removed: {changed}"
+    assert not changed, f"[{row.area}] files changed or removed: {changed}"
     for name in row.absent:
-        assert not (tmp_path / name).exists(), f"[{row.owner}] {name} was created"
+        assert not (tmp_path / name).exists(), f"[{row.area}] {name} was created"
     left = [name for name in after if name not in before and Path(name).name.startswith(".")]
-    assert not left, f"[{row.owner}] temporary files left: {left}"
+    assert not left, f"[{row.area}] temporary files left: {left}"
 
 
 def test_16_bit_images_are_scaled_or_refused_by_name(tmp_path, capsys):
-    """[H3] A 16-bit greyscale PNG (mode I;16) must not load as saturated white."""
+    """A 16-bit greyscale PNG (mode I;16) must not load as saturated white."""
     png_folder("deep", [(8, 8)] * 4, mode="I;16")(tmp_path)
     code = main(["datasets", "--check", str(tmp_path / "deep")])
     err = capsys.readouterr().err

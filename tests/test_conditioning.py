@@ -209,7 +209,7 @@ def test_the_recommended_guidance_scale_resolves_by_recipe(monkeypatch):
     assert saved["sample"]["guidance_scale"] is None                                     # "the recipe's"
     assert C.recommended_guidance_scale(saved) == 1.25                                   # a nested dict works too
     assert C.recommended_guidance_scale({"lr": 1e-3}) is None                           # a flat version-1 one too
-    monkeypatch.setattr(C, "RECOMMENDED_GUIDANCE_SCALE", 4.0)                            # the lead's update
+    monkeypatch.setattr(C, "RECOMMENDED_GUIDANCE_SCALE", 4.0)                            # a re-measured recipe
     assert C.recommended_guidance_scale(saved) == 4.0
 
 
@@ -228,7 +228,7 @@ def test_guidance_keys_are_validated_by_name(bad, message):
 
 def test_class_conditional_grids_use_cfg_at_the_recommended_scale_and_a_row_per_class(tmp_path, monkeypatch):
     """Sample i of the grid has class i mod K and is drawn with CFG at the run's scale (here the module constant,
-    changed to 3.5 as the lead will after the benchmark); the picture gets one labelled row per class; the scale
+    changed to 3.5, as a re-measured benchmark would); the picture gets one labelled row per class; the scale
     is recorded in the checkpoint, so the loaded run keeps it when the constant changes again."""
     import diffusion_forge.sampling.generate as G
     from diffusion_forge import viz

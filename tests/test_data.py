@@ -215,7 +215,7 @@ def test_toy_shapes_are_right():
 
 
 def test_hugging_face_load_from_disk_and_imagefolder(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a dev dependency (make test installs it): never skipped
     images = [Image.new("RGB", (12, 12), (40 * i, 0, 0)) for i in range(5)]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"]),
                                   "text": datasets.Value("string")})

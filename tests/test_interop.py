@@ -6,7 +6,7 @@ import torch
 
 import diffusion_forge as df
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402  (a core dependency: never skipped)
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers vs numpy 2
 SCHED = df.NoiseSchedule.from_name("scaled_linear", 1000, 0.00085, 0.012)
