@@ -289,3 +289,23 @@ def test_digit_accuracy_counts_the_requested_digit():
     assert digit_accuracy(np.zeros((4, 28, 28, 1), np.uint8), [3, 2, 1, 5], model=Stub()) == 0.5
     with pytest.raises(ValueError, match="one digit per image"):
         digit_accuracy(np.zeros((4, 28, 28, 1), np.uint8), [3, 2], model=Stub())
+
+
+def test_viz_trajectory_and_samplers_show_a_class_conditional_run_conditionally(runs, tmp_path, monkeypatch):
+    """The conditional network gets class i mod K (it cannot run without labels); the trajectory's output
+    equals `generate` with those labels from the same seed."""
+    from diffusion_forge import viz
+    from diffusion_forge.io.checkpoint import load_model_from_run
+    from diffusion_forge.sampling.generate import generate
+
+    seen = {}
+    real = viz.record_trajectory
+    monkeypatch.setattr(viz, "record_trajectory", lambda *a, **kw: seen.setdefault("traj", real(*a, **kw)))
+    assert main(["viz", "trajectory", str(runs["cond"]), "--sampler", "euler", "--steps", "3",
+                 "--out", str(tmp_path / "t.png")]) == 0
+    D = load_model_from_run(runs["cond"])
+    want = generate(D, 1, seed=0, sampler="euler", steps=3, cond={"class_labels": torch.tensor([0])})
+    assert torch.allclose(seen["traj"]["final"].float().cpu(), want, atol=1e-6)
+    assert main(["viz", "samplers", str(runs["cond"]), "--samplers", "euler,ddim", "--step-counts", "2,3",
+                 "--n", "4", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0

@@ -7,6 +7,7 @@ resumes or reuses the finished run.
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub) -> None:
@@ -45,7 +46,7 @@ def run(args) -> int:
     try:
         summary = train(cfg, out, progress=not args.no_progress)
     except TrainingDiverged as e:
-        print(f"dforge demo: error: {e}")
+        print(f"dforge demo: error: {e}", file=sys.stderr)
         return 1
     if summary["interrupted"]:
         return 130

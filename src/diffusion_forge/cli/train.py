@@ -1,6 +1,8 @@
 """`dforge train`: train a diffusion model into a run folder, or resume it."""
 from __future__ import annotations
 
+import sys
+
 
 EXAMPLES = """examples:
   dforge train --data mnist --out runs/mnist                    the default recipe (minutes on 2 cores)
@@ -130,7 +132,7 @@ def run(args) -> int:
         summary = train(cfg, out, progress=not args.no_progress,
                         max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     except TrainingDiverged as e:
-        print(f"dforge train: error: {e}")
+        print(f"dforge train: error: {e}", file=sys.stderr)
         return 1
     if summary["interrupted"]:
         return 130

@@ -33,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (cosine decay to lr/10)")
     p.add_argument("--preset", choices=("tiny", "small"), default="small",
                    help="network size: tiny (tests, seconds) or small (MNIST on a CPU in minutes)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches, t and noise (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches, t and noise")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     add_force(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -122,6 +122,14 @@ def _load(args):
     return load_model_from_run(args.run, use_ema=not args.no_ema)
 
 
+def _class_cond(trained, n: int) -> dict | None:
+    """A class-conditional run is shown conditionally (w = 1): sample i gets class i mod K."""
+    import torch
+
+    k = int(getattr(trained, "num_classes", 0) or 0)
+    return {"class_labels": torch.arange(n) % k} if k else None
+
+
 def _trajectory(args) -> int:
     from ..viz import plot_trajectory, record_trajectory
     from .sample import check_samplers
@@ -131,8 +139,8 @@ def _trajectory(args) -> int:
         raise UserError("--steps and --frames must be >= 1")
     trained = _load(args)
     n = 1 if len(trained.sample_shape) > 1 else 1000
-    traj = record_trajectory(trained.model, trained.schedule, (n, *trained.sample_shape), sampler=args.sampler,
-                             steps=args.steps, prediction=trained.prediction, seed=args.seed)
+    traj = record_trajectory(trained, shape=(n, *trained.sample_shape), sampler=args.sampler, steps=args.steps,
+                             seed=args.seed, cond=_class_cond(trained, n))
     plot_trajectory(args.out, traj, frames=args.frames)
     print(f"wrote {args.out} ({args.sampler}, {args.steps} steps, seed {args.seed})")
     return 0
@@ -154,8 +162,8 @@ def _samplers(args) -> int:
         raise UserError("--step-counts must name step counts >= 1, and --n must be >= 1")
     trained = _load(args)
     n = args.n if len(trained.sample_shape) > 1 else max(args.n, 500)
-    grid = sampler_grid(trained.model, trained.schedule, (n, *trained.sample_shape), names, counts,
-                        prediction=trained.prediction, seed=args.seed)
+    grid = sampler_grid(trained, shape=(n, *trained.sample_shape), samplers=names, steps=counts, seed=args.seed,
+                        cond=_class_cond(trained, n))
     plot_sampler_grid(args.out, grid)
     print(f"wrote {args.out} ({len(names)} samplers x {len(counts)} step counts, seeds {args.seed}..{args.seed + n - 1})")
     return 0
