@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ..core.process import check_prediction, check_prediction_at_snr0, from_x0_eps, to_x0_eps
+from ..core.process import check_prediction, check_prediction_at_snr0, convert, to_x0_eps
 from ..core.schedules import NoiseSchedule
 from ..device import model_device_dtype
 
@@ -71,11 +71,10 @@ class DenoiserBase(torch.nn.Module):
         return self.prediction_from_x0(x0, x_t, sigma)
 
     def prediction_from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, sigma) -> torch.Tensor:
-        """The prediction of type ``self.prediction`` that x_0 at (x_t, sigma) corresponds to:
-        eps = (x_t - sqrt(alpha_bar) x_0) / sqrt(1 - alpha_bar), then :func:`process.from_x0_eps`."""
+        """The prediction of type ``self.prediction`` that x_0 at (x_t, sigma) corresponds to
+        (:func:`process.convert` from "sample": eps = (x_t - sqrt(alpha_bar) x_0) / sqrt(1 - alpha_bar))."""
         alpha_bar = snr0_checked_alpha_bar(self.prediction, sigma_batch(sigma, x_t.shape[0]))
-        a, s = _rows(alpha_bar.sqrt(), x_t), _rows((1 - alpha_bar).sqrt(), x_t)
-        return from_x0_eps(x0, (x_t - a * x0) / s, self.prediction, alpha_bar)
+        return convert(x0, "sample", self.prediction, x_t, alpha_bar)
 
     def x0_from_prediction(self, pred: torch.Tensor, x_t: torch.Tensor, sigma) -> torch.Tensor:
         """x_0 implied by a raw prediction of type ``self.prediction`` at (x_t, sigma) (:func:`process.to_x0_eps`
@@ -236,8 +235,8 @@ class DynamicThreshold(DenoiserWrapper):
 
 def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | None = None, *,
                 model_dtype: torch.dtype | None = None, sample_shape=None) -> DenoiserBase:
-    """A (wrapped) Denoiser as it is (an explicit schedule / prediction must agree with it), an object that
-    holds ``.model``, ``.schedule`` and ``.prediction`` (a loaded run), or a network made into a Denoiser."""
+    """A (wrapped) Denoiser as it is (an explicit schedule / prediction must agree with it; a loaded run is
+    one), or a network made into a Denoiser."""
     if isinstance(model, DenoiserBase):
         if schedule is not None and not same_schedule(schedule, model.schedule):
             raise ValueError(f"schedule {schedule!r} contradicts the denoiser's own {model.schedule!r}; "
@@ -246,7 +245,4 @@ def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | 
             raise ValueError(f"prediction={prediction!r} contradicts the denoiser's own prediction "
                              f"{model.prediction!r}; pass prediction=None with a Denoiser")
         return model
-    if not callable(model) and all(hasattr(model, a) for a in ("model", "schedule", "prediction")):
-        return Denoiser(model.model, schedule or model.schedule, prediction or model.prediction,
-                        sample_shape=sample_shape or getattr(model, "sample_shape", None), model_dtype=model_dtype)
     return Denoiser(model, schedule, prediction, sample_shape=sample_shape, model_dtype=model_dtype)

@@ -11,18 +11,11 @@ from ..core.process import to_x0_eps
 from ..core.schedules import NoiseSchedule
 from ..denoise.denoiser import Denoiser, DenoiserWrapper
 from ..device import model_device_dtype
-from ..sampling.utils import per_sample_generators
+from ..sampling.utils import Noise, per_sample_generators
 
 # =============================================================================================
 # Schedulers: run any diffusers scheduler through diffusion_forge.sample(..., scheduler=...)
 # (owner: samplers)
-
-
-def per_sample_randn(generators, shape, device, dtype) -> torch.Tensor:
-    """Standard normal noise drawn per sample on the CPU, exactly as diffusers' ``randn_tensor`` does with a
-    list of generators (so the two worlds start from the same noise)."""
-    z = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators])
-    return z.to(device, dtype)
 
 
 @torch.no_grad()
@@ -68,7 +61,7 @@ def sample_with_scheduler(model, scheduler, shape, steps: int = 20, prediction: 
     scheduler.set_timesteps(steps, device=device)
     generators = per_sample_generators(generator, shape[0])
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
-    x = per_sample_randn(generators, shape, device, dtype) * scheduler.init_noise_sigma
+    x = Noise(generators, shape, device, dtype)() * scheduler.init_noise_sigma  # diffusers' randn_tensor, per sample
     for i, t in enumerate(scheduler.timesteps):
         x_t = scheduler.scale_model_input(x, t)
         tt = torch.full((shape[0],), float(t), dtype=torch.float32, device=device)

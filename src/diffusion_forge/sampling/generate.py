@@ -20,8 +20,9 @@ def slice_cond(cond: dict, lo: int, hi: int, n: int) -> dict:
     """The rows lo..hi of a cond dict of per-sample values (tensors, lists or tuples of length n)."""
     out = {}
     for key, value in cond.items():
-        if not isinstance(value, (torch.Tensor, list, tuple)) or len(value) != n:
-            size = len(value) if isinstance(value, (torch.Tensor, list, tuple)) else type(value).__name__
+        per_sample = isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.ndim > 0)
+        if not per_sample or len(value) != n:
+            size = len(value) if per_sample else f"one {type(value).__name__} for all (give one per sample)"
             raise ValueError(f"cond[{key!r}] must hold one value per sample (length {n}), got {size}")
         out[key] = value[lo:hi]
     return out
@@ -33,8 +34,8 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
              progress: bool = False, callback: Callable | None = None, sigmas: str = "default",
              spacing: str = "trailing", sample_shape=None, guidance_scale: float | None = None,
              guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
-    """``n`` samples from a (wrapped) Denoiser (or a loaded run holding ``.model``, ``.schedule``,
-    ``.prediction``), as a float32 CPU tensor of shape (n, *sample_shape), in the denoiser's space.
+    """``n`` samples from a (wrapped) Denoiser (a loaded run is one), as a float32 CPU tensor of shape
+    (n, *sample_shape), in the denoiser's space.
 
     Sample i uses ``torch.Generator().manual_seed(seed + i)``. ``sampler``, ``steps``, ``sampler_options``:
     as :func:`diffusion_forge.sample` (None: the sampler for the NFE budget ``steps``). ``cond``: a dict of

@@ -23,20 +23,6 @@ import torch
 
 from .utils import lagrange_weights
 
-# the registry and the entry point moved to sampling/registry.py and sampling/api.py; old imports keep working
-_MOVED = {"SAMPLERS": "registry", "SamplerSpec": "registry", "DEFAULT_SAMPLERS": "registry",
-          "default_sampler": "registry", "steps_for_budget": "registry", "resolve_sampler": "registry",
-          "sample": "api"}
-
-
-def __getattr__(name):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _noop(*args):
     pass
 
