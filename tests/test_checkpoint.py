@@ -90,6 +90,21 @@ def test_crash_mid_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypat
     assert ck.latest_checkpoint(tmp_path).step == 2
 
 
+def test_pruning_after_resuming_past_a_corrupt_newer_checkpoint_keeps_the_good_ones(tmp_path):
+    """keep=1, a good step 500 and a corrupt step 1000: the run resumes at 500 and saves 510. Pruning must keep
+    510 (and leave the corrupt 1000 alone), not keep 1000 and delete every usable checkpoint."""
+    model, opt, ema = _model_and_friends()
+    ck.save_checkpoint(tmp_path, 500, model, ema, opt, keep=1)
+    bad = ck.save_checkpoint(tmp_path, 1000, model, ema, opt, keep=5)
+    (bad / "state.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        assert ck.latest_checkpoint(tmp_path).step == 500
+    ck.save_checkpoint(tmp_path, 510, model, ema, opt, keep=1)
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step-00000510", "step-00001000"]
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        assert ck.latest_checkpoint(tmp_path).step == 510
+
+
 def test_corrupt_checkpoint_is_refused_and_skipped(tmp_path):
     model, opt, ema = _model_and_friends()
     ck.save_checkpoint(tmp_path, 1, model, ema, opt)
@@ -239,11 +254,11 @@ def test_a_guide_snapshot_is_never_listed_pruned_or_resumed_from(tmp_path):
     assert [p.name for p in ck.list_checkpoints(root)] == ["step-00000040"]
     assert [p.name for p in ck.list_checkpoints(root, "guide")] == ["guide-00000050"]
     assert ck.load_checkpoint(guide).step == 50 and "rng" not in ck.load_checkpoint(guide).state
-    ck.save_checkpoint(root, 5, model, ema, opt, keep=1)       # an older step: pruned at once, the snapshot kept
-    assert [p.name for p in ck.list_checkpoints(root)] == ["step-00000040"] and guide.is_dir()
+    ck.save_checkpoint(root, 5, model, ema, opt, keep=1)       # an older step (a resume past a newer one):
+    assert [p.name for p in ck.list_checkpoints(root)] == ["step-00000005", "step-00000040"] and guide.is_dir()
     assert ck.latest_checkpoint(tmp_path).step == 40 and ck.load_checkpoint(tmp_path).step == 40
     assert ck.find_checkpoint(tmp_path, step=50).path == guide                  # step=N reaches the snapshot
-    with pytest.raises(ck.CheckpointError, match=r"its checkpoints are of step 40 \(and the autoguidance snapshot "
+    with pytest.raises(ck.CheckpointError, match=r"its checkpoints are of step 5, 40 \(and the autoguidance snapshot "
                                                  r"of step 50\)"):
         ck.find_checkpoint(tmp_path, step=30)
     assert not list(root.glob(".tmp-*"))

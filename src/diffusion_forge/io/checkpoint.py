@@ -117,15 +117,18 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, ema=None, optimiz
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if kind == "step":
-        prune_checkpoints(root, keep)
+        prune_checkpoints(root, keep, upto=step)
     return final
 
 
-def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (renamed away first, so never half-deleted in place)."""
+def prune_checkpoints(root: str | os.PathLike, keep: int, upto: int | None = None) -> None:
+    """Delete all but the newest ``keep`` checkpoints at or below step ``upto`` (renamed away first, so never
+    half-deleted in place). Newer folders (a corrupt one a resume skipped) never count towards ``keep``, so
+    pruning cannot remove the good checkpoint the run resumed from and keep only a broken newer one."""
     if keep < 1:
         return
-    for old in list_checkpoints(root)[:-keep]:
+    folders = [p for p in list_checkpoints(root) if upto is None or int(STEP_DIR.match(p.name)[1]) <= upto]
+    for old in folders[:-keep]:
         trash = old.with_name(f".tmp-trash-{old.name}-{os.getpid()}")
         os.replace(old, trash)
         shutil.rmtree(trash, ignore_errors=True)
