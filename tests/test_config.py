@@ -308,3 +308,20 @@ def test_old_run_configs_without_the_new_keys_load_with_their_defaults(tmp_path)
     assert cfg.sample.guidance_scale is None and cfg.run.guide_snapshot_step == 500
     with pytest.raises(ConfigError, match="conditioning.dropout=0.2 needs a condition to drop"):
         T.run_config(tmp_path, None, {"conditioning.dropout": "0.2"}, allow_changes=True)
+
+
+def test_settings_changed_with_allow_changes_take_effect_on_resume(tmp_path):
+    """The optimiser and EMA states come back from the checkpoint with their saved hyper-parameters; the
+    changed ones (allowed by name) must replace them, not only be written to config.json."""
+    base = {"data.source": "moons", "model.type": "mlp", "model.preset": "tiny", "optim.batch_size": 16,
+            "run.mixed_precision": "no", "run.sample_every": 0, "run.guide_snapshot_step": 0, "optim.steps": 2}
+    T.train(T.merge_config(flags=base), tmp_path, progress=False)
+    new = {"optim.steps": "3", "optim.weight_decay": "0.05", "optim.adam_beta2": "0.95", "ema.decay": "0.5"}
+    cfg, changes = T.run_config(tmp_path, None, new, allow_changes=True)
+    assert set(changes) == {"optim.steps", "optim.weight_decay", "optim.adam_beta2", "ema.decay"}
+    trainer = T.Trainer(cfg, tmp_path, progress=False)
+    assert trainer.resume() and trainer.step == 2
+    decay, rest = trainer.optimizer.param_groups
+    assert (decay["weight_decay"], rest["weight_decay"]) == (0.05, 0.0)
+    assert decay["betas"] == rest["betas"] == (0.9, 0.95)
+    assert trainer.ema.decay == 0.5

@@ -197,6 +197,12 @@ class Trainer:
             return False
         ckpt.restore(self.unwrapped, self.ema, self.optimizer, self.scaler, rng=True)
         self.step = ckpt.step
+        # settings changed with --allow-changes win over the saved ones (unchanged settings are equal anyway):
+        # the optimiser's betas and weight decay (only the first group decays), the EMA's decay and warm-up
+        o = self.cfg.optim
+        for i, group in enumerate(self.optimizer.param_groups):
+            group.update(betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay if i == 0 else 0.0)
+        self.ema.decay, self.ema.warmup = float(self.cfg.ema.decay), bool(self.cfg.ema.warmup)
         threads = ckpt.state.get("extra", {}).get("num_threads")
         if threads is not None and threads != torch.get_num_threads() and self.acc.is_main_process:
             print(f"note: the run was checkpointed with {threads} threads and now runs with "
