@@ -1,7 +1,13 @@
 """The restructure reproduces the numbers of the code before it (tests/fixtures/golden_v1.npz, made by
 tests/fixtures/make_golden.py at commit 825424d): the denoiser's x0 for every prediction type and schedule
 end (1e-7, float64), the loss on a fixed batch and seed (1e-6), and every sampler's samples for a fixed toy
-model and seed (1e-6), with and without a wrapper that leaves x0 unchanged."""
+model and seed (1e-6), with and without a wrapper that leaves x0 unchanged.
+
+Regenerated on purpose (issue 13, tests/fixtures/regen_pndm_deis.py): the 8 entries ``samples/pndm/*/default/*``
+and ``samples/deis/*``. pndm's Runge-Kutta stages on the default (timestep) grids now sit at the timestep
+midpoint t - delta/2 (F-PNDM, diffusers' PNDMScheduler) instead of the sigma average, and deis lowers its
+order on the last steps of a grid of fewer than 15 steps (diffusers' lower_order_final), so both now equal
+diffusers (tests/test_sampler_parity.py). Every other entry, pndm's on Karras' grid included, is the old code's."""
 from __future__ import annotations
 
 import math

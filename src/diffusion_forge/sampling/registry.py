@@ -24,10 +24,12 @@ class SamplerSpec:
     """A sampler: its function, its network evaluations for n steps, and the options it takes with their
     defaults. ``order`` is the global order of convergence on the probability-flow ODE (with eta = 0 where
     the sampler takes eta; None for DDPM), as tests/test_samplers.py measures it on Karras' grid
-    (sigma 80 -> 0.02, rho = 7, 64 / 128 / 256 steps). Multistep methods warm up with lower-order steps
-    (no extra NFE), which caps some below the order of their formula: DPM-Solver++(3M)'s first-order first
-    step makes it 2; iPNDM's and PNDM's fixed Adams-Bashforth coefficients are 4th order only on steps
-    equal in sigma, 2 on other smooth grids. UniPC's corrector keeps its warm-up at full order."""
+    (sigma 80 -> 0.02, rho = 7, 64 / 128 / 256 steps). Some stay below the order of their formula:
+    DPM-Solver++(3M) (Lu et al.'s, k-diffusion's and diffusers' coefficients alike) weights the quadratic term
+    of D by 1/2 - (h - 1 + e^-h) / h^2, half the exact integral of it, so it converges at order 2;
+    iPNDM's and PNDM's fixed Adams-Bashforth coefficients are 4th order only on steps equal in sigma, 2 on
+    other smooth grids. UniPC's corrector keeps its warm-up at full order. Parity with diffusers and
+    k-diffusion: tests/test_sampler_parity*.py."""
     fn: Callable
     nfe_formula: Callable[[int, dict], int]
     order: int | None
@@ -74,7 +76,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "lms": SamplerSpec(sample_lms, _one_per_step, 4, {"order": 4}),
     "pndm": SamplerSpec(sample_pndm, _pndm_nfe, 2, {"euler_start": True}),
     "ipndm": SamplerSpec(sample_ipndm, _ipndm_nfe, 2, {"afs": False, "free_last_step": False}),
-    "deis": SamplerSpec(sample_deis, _one_per_step, 3, {"order": 3}),
+    "deis": SamplerSpec(sample_deis, _one_per_step, 3, {"order": 3, "lower_order_final": True}),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, _one_per_step, 2),
     "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, _one_per_step, 2, {"eta": 1.0, "s_noise": 1.0}, True),
     "dpmpp_3m_sde": SamplerSpec(sample_dpmpp_3m_sde, _one_per_step, 2, {"eta": 1.0, "s_noise": 1.0}, True),

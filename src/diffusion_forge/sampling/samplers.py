@@ -16,6 +16,7 @@ take it as the data prediction itself (as k-diffusion and diffusers do); the mul
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -199,12 +200,32 @@ def sample_ipndm(D, x, sigmas, noise=None, callback=_noop, afs=False, free_last_
     return x
 
 
+def timestep_midpoint(D, s: float, s_next: float) -> float:
+    """The sigma of F-PNDM's Runge-Kutta midpoint (Liu et al. 2022, eq. 12): the midpoint in the time the grid
+    is spaced in. Between two of the schedule's own timesteps ("default" grids): t - delta/2, i.e.
+    sigma((t + t') / 2) (diffusers' PNDMScheduler). On grids spaced in sigma (Karras', exponential) and for a
+    bare D(x, sigma) without a ``schedule``: Karras et al.'s time sigma(t) = t, so (s + s_next) / 2 (a timestep
+    midpoint there can sit far below it, 1.3 against 3.8 on 7.6 -> 0.01, and each stage then amplifies the
+    previous stage's error by (s - s_mid) / s_mid)."""
+    while isinstance(D, functools.partial):
+        D = D.func
+    schedule = getattr(D, "schedule", None)
+    if schedule is None or not hasattr(schedule, "t_for_sigma"):
+        return (s + s_next) / 2
+    t, t_next = float(schedule.t_for_sigma(s)), float(schedule.t_for_sigma(s_next))
+    if max(abs(t - round(t)), abs(t_next - round(t_next))) > 1e-6:
+        return (s + s_next) / 2
+    return float(schedule.sigma_at((t + t_next) / 2))
+
+
 @torch.no_grad()
 def sample_pndm(D, x, sigmas, noise=None, callback=_noop, euler_start=True):
-    """Pseudo numerical methods (Liu et al. 2022, F-PNDM): three steps of pseudo Runge-Kutta (classical RK4
-    with the DDIM transfer, which in sigma space is an Euler step; 4 evaluations each), then pseudo linear
-    multistep (PLMS: fixed 4th-order Adams-Bashforth on eps_hat). The last step is never RK. With
-    ``euler_start`` the first step from pure noise is an Euler step (see :func:`sample_heun`)."""
+    """Pseudo numerical methods (Liu et al. 2022, F-PNDM): three steps of pseudo Runge-Kutta, then pseudo
+    linear multistep (PLMS: fixed 4th-order Adams-Bashforth on eps_hat). Pseudo RK is RK4 with the DDIM
+    transfer phi(x, t -> t', e) = x + (sigma' - sigma) e, its stages at the midpoint t_m (:func:`timestep_midpoint`):
+    x_k = phi(x, t -> t_m, e_{k-1}) for e2, e3 at t_m, x3 = phi(x, t -> t', e3), e4 = eps_hat(x3, t'), x' =
+    phi(x, t -> t', (e1 + 2 e2 + 2 e3 + e4) / 6): diffusers' PNDMScheduler (skip_prk_steps=False). The last step
+    is never RK. With ``euler_start`` the first step from pure noise is Euler's (see :func:`sample_heun`)."""
     ds, n, first = [], len(sigmas) - 1, int(euler_start)
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = D(x, s)
@@ -212,10 +233,12 @@ def sample_pndm(D, x, sigmas, noise=None, callback=_noop, euler_start=True):
         d1 = (x - x0) / s
         h = s_next - s
         if first <= i < min(first + 3, n - 1):
-            s_mid = s + h / 2
-            d2 = (x + h / 2 * d1 - D(x + h / 2 * d1, s_mid)) / s_mid
-            d3 = (x + h / 2 * d2 - D(x + h / 2 * d2, s_mid)) / s_mid
-            d4 = (x + h * d3 - D(x + h * d3, s_next)) / s_next
+            s_mid = timestep_midpoint(D, s, s_next)
+            x1 = x + (s_mid - s) * d1
+            d2 = (x1 - D(x1, s_mid)) / s_mid
+            x2 = x + (s_mid - s) * d2
+            x3 = x + h * (d3 := (x2 - D(x2, s_mid)) / s_mid)
+            d4 = (x3 - D(x3, s_next)) / s_next
             ds = [d1] + ds
             x = x + h * (d1 + 2 * d2 + 2 * d3 + d4) / 6
         else:
@@ -224,13 +247,21 @@ def sample_pndm(D, x, sigmas, noise=None, callback=_noop, euler_start=True):
     return x
 
 
+LOWER_ORDER_FINAL_STEPS = 15   # diffusers' lower_order_final applies to grids of fewer steps
+
+
 @torch.no_grad()
-def sample_deis(D, x, sigmas, noise=None, callback=_noop, order=3):
+def sample_deis(D, x, sigmas, noise=None, callback=_noop, order=3, lower_order_final=True):
     """DEIS (Zhang & Chen 2023, the exponential-integrator multistep "rho AB" in log rho, as in diffusers'
-    logrho DEIS): eps_hat is extrapolated by a polynomial in u = log sigma through the last ``order`` slopes
-    and dx = eps_hat dsigma = eps_hat(u) e^u du is integrated exactly. Lower order while the history fills
-    or after a jump in step size (MAX_STEP_RATIO); first order (x = x0) on the last step to sigma = 0."""
-    ds, us = [], []
+    logrho DEISMultistepScheduler): eps_hat is extrapolated by a polynomial in u = log sigma through the last
+    ``order`` slopes (3, the paper's rhoAB3; diffusers' default solver_order is 2) and dx = eps_hat dsigma
+    = eps_hat(u) e^u du is integrated exactly. The order, as diffusers' default solver options: min(order, i + 1) on step i (the history fills), and with
+    ``lower_order_final`` on a grid of fewer than 15 steps first order on the last step and at most second on
+    the one before; lower also after a jump in step size (MAX_STEP_RATIO; never on trailing, Karras' or
+    exponential grids). A last step to sigma = 0 is first order: x = x0, the sigma_next -> 0 limit of the
+    DDIM step (diffusers' DEIS ends at sigma(t = 0) instead, leaving that sigma's noise in the sample)."""
+    ds, us, n = [], [], len(sigmas) - 1
+    few = lower_order_final and n < LOWER_ORDER_FINAL_STEPS
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = D(x, s)
         callback(i, x, s, x0)
@@ -239,6 +270,7 @@ def sample_deis(D, x, sigmas, noise=None, callback=_noop, order=3):
             x = x0
             continue
         k = _usable_order(order, us[0] - math.log(s_next), [a - b for a, b in zip(us[1:], us[:-1])])
+        k = min(k, n - i) if few else k   # 1 on the last step, <= 2 on the one before
         w = lagrange_weights(us[:k], us[0], math.log(s_next), exp_weight=True)
         x = x + sum(wj * dj for wj, dj in zip(w, ds))
     return x
