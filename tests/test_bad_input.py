@@ -204,8 +204,16 @@ ROWS = [
     Row("train-class-without-labels", ["train", "--data", "{tmp}/imgs", "--out", "{tmp}/r", "--set", "model.preset=tiny",
                                        "--set", "conditioning.kind=class", *FAST_TRAIN], r"conditioning\.kind=class.*labels",
         png_folder("imgs", [(8, 8)] * 4), area="training"),
-    Row("train-text-without-captions", ["train", "--data", "digits", "--out", "{tmp}/r", "--set", "conditioning.kind=text",
+    Row("train-text-without-captions", ["train", "--data", "moons", "--out", "{tmp}/r", "--set", "conditioning.kind=text",
                                         *FAST_TRAIN], r"conditioning\.kind=text.*captions", area="training"),
+    Row("train-text-folder-without-captions", ["train", "--data", "{tmp}/imgs", "--out", "{tmp}/r", "--set",
+                                               "conditioning.kind=text", *FAST_TRAIN], r"conditioning\.kind=text.*captions",
+        png_folder("imgs", [(8, 8)] * 4), area="training/data"),
+    Row("train-text-on-mlp", ["train", "--data", "digits", "--out", "{tmp}/r", "--set", "conditioning.kind=text", "--set",
+                              "model.type=mlp", *FAST_TRAIN], r"conditioning\.kind=text needs a network with "
+                              r"cross-attention", area="training"),
+    Row("sample-prompt-without-text", ["sample", "{tmp}/run", "--prompt", "a handwritten three", "--out", "{tmp}/s.png"],
+        r"--prompt needs a text-conditional run.*conditioning\.kind=none", v1_run, area="cli/text"),
     Row("train-print-config-head", ["train", "--data", "moons", "--out", "{tmp}/r", "--print-config"], r"^$",
         code=141, area="cli", process=True),
     # -- data (issue 8: a corrupt image is skipped with a warning naming it)

@@ -164,7 +164,7 @@ def test_mnist_full_and_fast():
     assert x.dtype == torch.float32 and x.min() == -1 and x.max() == 1 and cond["class_labels"] == 5
     xb, cond = ds.get_batch(torch.arange(128))
     assert xb.shape == (128, 1, 28, 28) and torch.equal(cond["class_labels"], ds.labels[:128])
-    assert ds.kind == "image" and ds.num_classes == 10 and ds.has_labels and not ds.has_captions
+    assert ds.kind == "image" and ds.num_classes == 10 and ds.has_labels and ds.has_captions   # digit templates
     test = load_dataset("mnist", split="test")
     assert len(test) == 10000
     rgb32 = load_dataset("mnist", split="test", image_size=32, channels=3)
@@ -273,8 +273,11 @@ def test_kinds_conditioning_and_the_uint8_conversion(tmp_path):
     Image.new("L", (8, 8), 7).save(tmp_path / "one.png")
     with pytest.raises(ValueError, match="conditioning 'class' needs class labels"):
         load_dataset(str(tmp_path), conditioning="class")
-    with pytest.raises(ValueError, match="conditioning 'text' needs captions"):
-        load_dataset("emoji", conditioning="text")
+    with pytest.raises(ValueError, match="conditioning 'text' needs captions"):   # a folder without metadata.jsonl
+        load_dataset(str(tmp_path), conditioning="text")
+    emoji = load_dataset("emoji", conditioning="text")          # captioned: cond holds caption ids, no labels
+    cond = emoji.get_batch([3, 5])[1]
+    assert cond.keys() == {"caption_ids"} and cond["caption_ids"].tolist() == [3, 5]
     with pytest.raises(ValueError, match="unknown conditioning"):
         load_dataset("digits", conditioning="classes")
     u = torch.arange(256, dtype=torch.uint8)

@@ -209,7 +209,7 @@ def test_mlp_takes_any_shape_and_checks_its_size():
 
 
 def test_presets_cover_every_type():
-    assert set(PRESETS) == {"unet", "mlp", "diffusers_unet"}
+    assert set(PRESETS) == {"unet", "mlp", "diffusers_unet", "diffusers_cond_unet"}
     assert isinstance(build_model({"preset": "tiny"}), UNet)
 
 

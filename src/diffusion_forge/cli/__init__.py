@@ -21,7 +21,8 @@ import warnings
 
 # subcommand name -> module in this package
 COMMANDS = {"demo": "demo", "train": "train", "sample": "sample", "datasets": "datasets", "eval": "eval", "viz": "viz",
-            "train-classifier": "train_classifier"}
+            "train-classifier": "train_classifier", "train-vae": "train_vae", "serve": "serve",
+            "generate": "generate", "export": "export", "push": "push"}
 BUG_REPORT = "this is a bug in Diffusion Forge: please report it with the command line and the traceback above"
 ERROR, INTERRUPTED, SIGPIPE_EXIT = 2, 130, 141     # 141 = 128 + SIGPIPE, what a shell shows for `yes | head -1`
 FORCE_HELP = "overwrite output files that already exist (without it an existing output is refused)"

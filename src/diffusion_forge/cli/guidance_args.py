@@ -260,6 +260,7 @@ def guided_denoiser(args, run_denoiser, cache: dict | None = None):
     plan = check_args(args)
     trained, run = run_denoiser, _run_name(args)
     k = int(getattr(trained, "num_classes", 0) or 0)
+    text = getattr(trained, "text_encoder", None) is not None   # a text run: CFG between prompt and null prompt
     classifier = None
     if plan.classifier is not None:
         from ..models.classifier import check_classifier_fits, load_classifier
@@ -268,6 +269,9 @@ def guided_denoiser(args, run_denoiser, cache: dict | None = None):
             cache[("classifier", plan.classifier)] = load_classifier(plan.classifier, device=_device(trained))
         classifier = cache[("classifier", plan.classifier)]
         check_classifier_fits(classifier, trained)
+    if plan.classes is not None and text and classifier is None:
+        raise UserError(f"--class needs class labels and {run} is text-conditional (conditioning.kind=text): ask "
+                        "for a digit with --prompt, e.g. --prompt \"a handwritten three\"")
     if plan.classes is not None and not k and classifier is None:
         raise UserError(f"--class needs class labels and {run} is unconditional (conditioning.kind=none): train a "
                         "class-conditional run (dforge train --conditioning class), or add --classifier CLS "
@@ -289,7 +293,7 @@ def guided_denoiser(args, run_denoiser, cache: dict | None = None):
 
     # 2. classifier-free guidance: pred = pred_uncond + w (pred_cond - pred_uncond)
     w, source = plan.cfg_scale, ""
-    if k:
+    if k or text:
         if w is None:
             w, source = recommended_scale(trained), " (the run's recommended scale)"
             if w is not None and not has_null(trained):
@@ -312,7 +316,7 @@ def guided_denoiser(args, run_denoiser, cache: dict | None = None):
         if plan.interval:
             extra.append(f"sigma in [{plan.interval[0]:g}, {plan.interval[1]:g}]")
         parts.append(f"CFG w = {w:g}{source}" + (f" ({', '.join(extra)})" if extra else ""))
-    elif k:
+    elif k or text:
         info["cfg"] = {"scale": 1.0, "rescale": 0.0, "interval": None}
         parts.append("conditional model (w = 1, no guidance)")
 

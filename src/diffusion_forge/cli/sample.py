@@ -17,6 +17,8 @@ EXAMPLES = f"""examples:
   dforge sample runs/mnist-cond --class all --out grid.png            a row per class, the run's recommended w
   dforge sample runs/mnist --classifier cls/ --class 3 --classifier-scale 2 --out threes.npz
   dforge sample runs/mnist --autoguidance --autoguidance-scale 2      guided by the run's kept early snapshot
+  dforge sample runs/mnist-text --prompt "a handwritten three" --prompt "the digit 8" --guidance-scale 4 --n 16
+  dforge sample runs/mnist-text --prompt "a seven" --negative-prompt "a one" --out sevens.npz
 Guidance convention: {CONVENTION}.
 """
 
@@ -46,7 +48,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="samples.png",
                    help=f"output file: a picture ({', '.join(IMAGE_SUFFIXES)}: a titled grid of images; vector data: "
                         "a scatter plot, .svg too) or .npz (key `images`: uint8 N x H x W x C; vector data: "
-                        "`samples`, float32; plus `labels`, int64 N, when classes are drawn)")
+                        "`samples`, float32; plus `labels`, int64 N, when classes are drawn; `prompts`, str N, on "
+                        "text runs)")
     add_force(p)
     p.add_argument("--raw-grid", action="store_true", help="a plain grid of tiles, no title or margins")
     p.add_argument("--no-ema", action="store_true", help="use the trained weights instead of their EMA")
@@ -54,6 +57,15 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="samples per network call")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto, a GPU when there is one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t = p.add_argument_group("text prompts (runs trained with conditioning.kind=text)")
+    t.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="what to draw; repeat it for several prompts: sample i gets prompt i mod P, the grid one "
+                        "row per prompt, labelled (default: the run's grid prompts; \"\" is the unconditional "
+                        "model)")
+    t.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="the unguided branch of classifier-free guidance for every sample, in place of the empty "
+                        "prompt: pred = pred(negative) + w (pred(prompt) - pred(negative)); needs --guidance-scale "
+                        "other than 1 (or the run's recommended scale)")
     add_guidance_args(p)
     p.set_defaults(func=run)
 
@@ -199,27 +211,65 @@ def run(args) -> int:
         raise UserError(f"--raw-grid draws a plain grid of images; this run's samples have shape "
                         f"{tuple(trained.sample_shape)}: leave it off")
     sampler, steps, options = run_settings(trained, args.sampler, args.steps, options)
+    prompts = text_prompts(args, trained)                                 # None: not a text run
     denoiser, classes, guidance = guided_denoiser(args, trained)          # every check before any sampling
+    if args.negative_prompt is not None and (guidance.get("cfg") or {}).get("scale", 1) == 1:
+        raise UserError("--negative-prompt replaces the empty prompt of classifier-free guidance, and none runs here "
+                        "(w = 1): add --guidance-scale W (e.g. 4)")
     labels = classes.labels(args.n)
+    cond = classes.cond(args.n)
+    if prompts is not None:
+        from ..models.text import prompt_cond
+
+        cond = prompt_cond(trained, prompts)[0]
+        negative = "" if args.negative_prompt is None else f", negative prompt {args.negative_prompt!r}"
+        rest = guidance["text"].removeprefix("unconditional; ")          # classes: none on a text run
+        guidance["text"] = f"prompts {list(dict.fromkeys(prompts))!r}{negative}; {rest}"
     start = time.time()
     x = generate(denoiser, args.n, seed=args.seed, sampler=sampler, steps=steps, sampler_options=options,
-                 cond=classes.cond(args.n), batch_size=args.batch_size, device=device, sigmas=args.sigmas,
+                 cond=cond, batch_size=args.batch_size, device=device, sigmas=args.sigmas,
                  spacing=args.spacing, progress=not args.no_progress)
     seconds = time.time() - start
     if out.suffix.lower() == ".npz":
         arrays = npz_arrays(x)
         if labels is not None:
             arrays["labels"] = labels.numpy().astype("int64")             # the class of each sample
+        if prompts is not None:
+            import numpy as np
+
+            arrays["prompts"] = np.array(prompts, dtype=str)             # the prompt of each sample
         write_npz(out, arrays)
     else:
         what = "" if classes.spec in (None, "all") else f", class {classes.spec}"
         title = (f"{Path(args.run).resolve().name}: step {trained.step}, {sampler} {steps} steps{what}"
                  f"{guidance_title(guidance)}, seeds {args.seed}..{args.seed + args.n - 1}")
-        save_samples(x, out, title=title, raw=args.raw_grid, row_labels=classes.row_labels(args.n))
+        rows = classes.row_labels(args.n) if prompts is None else [repr(p) for p in prompts]
+        save_samples(x, out, title=title, raw=args.raw_grid, row_labels=rows)
     weights = "trained" if args.no_ema else "EMA"
     print(f"wrote {args.n} samples of {args.run} (step {trained.step}, {weights} weights, {sampler}"
           f"{' ' + str(options) if options else ''}, {steps} steps; {guidance['text']}; {seconds:.1f} s) to {out}")
     return 0
+
+
+def text_prompts(args, trained) -> list[str] | None:
+    """The prompt of each of the args.n samples of a text run (prompt i mod P; default: the run's grid prompts),
+    None for other runs; --prompt / --negative-prompt on a run without text conditioning: UserError. A negative
+    prompt becomes the run's null condition for this command (the unguided branch of CFG)."""
+    given, negative = getattr(args, "prompt", None), getattr(args, "negative_prompt", None)
+    te = getattr(trained, "text_encoder", None)
+    if te is None:
+        if given is not None or negative is not None:
+            kind = (getattr(trained, "config", None) or {}).get("conditioning", {}).get("kind", "none")
+            flag = "--prompt" if given is not None else "--negative-prompt"
+            hint = "--class N" if kind == "class" else "no prompt"
+            raise UserError(f"{flag} needs a text-conditional run, and {args.run} was trained with "
+                            f"conditioning.kind={kind}: sample it with {hint}, or train one on captions with "
+                            "dforge train --conditioning text")
+        return None
+    chosen = list(given) if given else list(getattr(trained, "prompts", None) or [""])
+    if negative is not None:
+        trained.null_cond = {"encoder_hidden_states": te.encode([negative])[0]}
+    return [chosen[i % len(chosen)] for i in range(args.n)]
 
 
 def guidance_title(guidance: dict) -> str:

@@ -11,6 +11,8 @@ EXAMPLES = """examples:
   dforge train --data mnist --conditioning class --out runs/mnist-cond     class-conditional (labels dropped to
                                                                 a null class 10% of the time: one model for
                                                                 conditional and unconditional sampling, and CFG)
+  dforge train --data mnist --conditioning text --out runs/mnist-text     text prompts: captions "a handwritten
+                                                                seven", ...; then dforge sample --prompt "..."
   dforge train --data mnist --out runs/sd --set diffusion.schedule=scaled_linear \\
       --set diffusion.beta_start=0.00085 --set diffusion.beta_end=0.012 --set diffusion.prediction=epsilon
   dforge train --out runs/mnist                                 resume (also after a crash or Ctrl-C)
@@ -39,11 +41,20 @@ def register(sub) -> None:
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                    help="override one config key, e.g. optim.lr=1e-3 (repeatable); wins over --config")
     p.add_argument("--conditioning", metavar="KIND", default=None,
-                   help="none or class: condition on the data's class labels (same as --set conditioning.kind=...); "
-                        "a label is replaced by the null class with probability conditioning.dropout (default 0.1), "
-                        "which classifier-free guidance needs")
+                   help="none, class (condition on the data's class labels) or text (on its captions, through a "
+                        "frozen text encoder: conditioning.text_encoder) (same as --set conditioning.kind=...); "
+                        "a label is replaced by the null class (a caption by the empty prompt) with probability "
+                        "conditioning.dropout (default 0.1), which classifier-free guidance needs")
+    p.add_argument("--latent", metavar="VAE", default=None,
+                   help="latent diffusion: train in the latent space of this VAE (a `dforge train-vae` folder, a "
+                        "diffusers AutoencoderKL folder or hub name; same as --set data.latent=...); the run keeps "
+                        "a copy in RUN/vae/ and its samples are decoded images")
     p.add_argument("--device", default=None,
                    help="auto, cpu, cuda, cuda:N or mps (same as --set run.device=...; default: run.device)")
+    p.add_argument("--init-from", metavar="PATH_OR_HUB_ID", default=None,
+                   help="fine-tune a pretrained diffusers UNet2DModel (a UNet folder, a DDPMPipeline folder or hub id; "
+                        "same as --set model.init_from=...): its architecture and weights, and its schedule and "
+                        "prediction type unless set")
     p.add_argument("--allow-changes", action="store_true",
                    help="resume an existing run even though some settings differ from those it started with")
     p.add_argument("--overfit-batch", action="store_true",
@@ -81,8 +92,12 @@ def _flags(args) -> dict:
         flags["data.source"] = args.data
     if args.conditioning is not None:
         flags["conditioning.kind"] = args.conditioning
+    if args.latent is not None:
+        flags["data.latent"] = args.latent
     if args.device is not None:
         flags["run.device"] = args.device
+    if args.init_from is not None:
+        flags["model.init_from"] = args.init_from
     return flags
 
 

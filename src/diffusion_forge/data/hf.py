@@ -46,10 +46,11 @@ def _open(name: str, split: str):
 
 
 def load_hf(name: str, image_size=None, channels=None, split: str = "train", flip: bool = False, *,
-            conditioning: str | None = None, progress: bool = True) -> CachedImageDataset:
+            conditioning: str | None = None, progress: bool = True,
+            text_column: str | None = None) -> CachedImageDataset:
     """A ``datasets`` data set as (x, cond) items: x from the first ``Image`` column (or image / img / images),
-    cond ``{"class_labels"}`` from the label column when there is one; ``.captions`` from text / caption /
-    prompt."""
+    cond ``{"class_labels"}`` from the label column when there is one; ``.captions`` from ``text_column``
+    (none: text, caption, captions or prompt)."""
     datasets, ds = _open(name, split)
     feats = ds.features
     image_col = next((c for c, f in feats.items() if isinstance(f, datasets.Image)), None)
@@ -58,7 +59,9 @@ def load_hf(name: str, image_size=None, channels=None, split: str = "train", fli
         raise ValueError(f"no image column in {name!r}: columns are {list(feats)}")
     label_col = next((c for c, f in feats.items() if isinstance(f, datasets.ClassLabel)), None)
     label_col = label_col or next((c for c in ("label", "labels") if c in feats), None)
-    caption_col = next((c for c in ("text", "caption", "captions", "prompt") if c in feats), None)
+    from .captions import caption_column
+
+    caption_col = caption_column(feats, text_column, name)
 
     images = ds.select_columns([image_col])
     if isinstance(feats[image_col], datasets.Image):

@@ -141,10 +141,11 @@ def _report(meta: dict, where: str) -> list[str]:
 
 def load_image_folder(root: str | Path, image_size: int | None = None, channels: int | None = None,
                       flip: bool = False, *, conditioning: str | None = None, progress: bool = True,
-                      workers: int | None = None) -> CachedImageDataset:
+                      workers: int | None = None, text_column: str | None = None) -> CachedImageDataset:
     """Every image under ``root`` (recursive; names starting with "." skipped), decoded once into the on-disk
     cache and memory-mapped. If all of them sit in first-level subfolders, those name the classes (labels in
-    sorted order; ``cond = {"class_labels": ...}``); otherwise there are no labels (``cond = {}``).
+    sorted order; ``cond = {"class_labels": ...}``); otherwise there are no labels (``cond = {}``). Captions
+    (``.captions``) come from ``metadata.jsonl`` files (``data.captions.read_metadata``; ``text_column``: their key).
     ``progress``: a progress bar on stderr while the cache is built (first load only)."""
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -168,5 +169,8 @@ def load_image_folder(root: str | Path, image_size: int | None = None, channels:
         classes = sorted({files[i].split("/", 1)[0] for i in kept})
         index = {c: k for k, c in enumerate(classes)}
         labels = torch.tensor([index[files[i].split("/", 1)[0]] for i in kept], dtype=torch.int64)
+    from .captions import read_metadata
+
+    captions = read_metadata(root, [files[i] for i in kept], text_column)
     return CachedImageDataset(pixels, labels, flip=flip, classes=classes, name=str(root), conditioning=conditioning,
-                              notes=notes, cache_path=entry)
+                              notes=notes, cache_path=entry, captions=captions)

@@ -103,7 +103,9 @@ def _per_sample(value, n: int, what: str) -> torch.Tensor | None:
 
 def _doubled_cond(cond: dict, null_cond: dict, n: int) -> dict:
     """The cond of the doubled batch [cond; null]: null_cond's keys replaced in the second half, every other
-    per-sample value repeated."""
+    per-sample value repeated. A null value with one dimension less than the cond's (e.g. the empty prompt's
+    token states (L, D) against the prompts' (n, L, D)) is one value for every sample; a number or a 0-d tensor
+    too; otherwise it holds one row per sample (or one row, expanded)."""
     missing = [k for k in null_cond if k not in cond]
     if missing:
         raise ValueError(f"classifier-free guidance needs the condition to guide towards: pass cond with "
@@ -114,7 +116,11 @@ def _doubled_cond(cond: dict, null_cond: dict, n: int) -> dict:
         if key in null_cond:
             if rows is None:
                 raise ValueError(f"cond[{key!r}] must be a tensor (one value per sample) to be guided")
-            null = _per_sample(null_cond[key], n, f"null_cond[{key!r}]")
+            value_null = null_cond[key]
+            if isinstance(value_null, torch.Tensor) and 1 <= value_null.ndim == rows.ndim - 1:
+                null = value_null.unsqueeze(0).expand(n, *value_null.shape)   # one (L, D) for all samples
+            else:
+                null = _per_sample(value_null, n, f"null_cond[{key!r}]")
             if null is None:
                 kind = type(null_cond[key]).__name__
                 raise ValueError(f"null_cond[{key!r}] must be a tensor or a number, got {kind}")

@@ -324,8 +324,10 @@ def load_model_from_run(run_dir: str | os.PathLike, use_ema: bool = True, step: 
     weights, the EMA average by default, in eval mode. Returns a ``Denoiser`` (``D(x, sigma) -> x0`` with the
     run's schedule and prediction type) with ``.config`` (nested), ``.step``, ``.num_classes`` and
     ``.sample_shape``, ``.guidance_scale`` (the classifier-free guidance scale to sample with when none is
-    given, None for no guidance) and ``.checkpoint_path``; its ``.model`` carries ``diffusion_config``. Reads
-    format versions 1 and 2. ``step`` may name the autoguidance snapshot's step (see :func:`load_guide_snapshot`)."""
+    given, None for no guidance) and ``.checkpoint_path``; its ``.model`` carries ``diffusion_config``. A text
+    run (conditioning.kind=text) also has ``.text_encoder`` (``models.text.TextEncoder``, loaded by the name its
+    config records), ``null_cond`` = the empty prompt's token states and ``.prompts`` (its grid prompts); other
+    runs have ``.text_encoder`` None. Reads format versions 1 and 2. ``step`` may name the autoguidance snapshot's step (see :func:`load_guide_snapshot`)."""
     return denoiser_from_checkpoint(find_checkpoint(run_dir, step), use_ema, device)
 
 
@@ -388,6 +390,16 @@ def denoiser_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, device: str
         raise CheckpointError(f"{ckpt.path} records no noise schedule or prediction type")
     num_classes = int(extra.get("num_classes") or config["conditioning"].get("num_classes") or 0)
     diffusion.setdefault("null_cond", {"class_labels": num_classes} if num_classes else None)
+    text_encoder = None
+    if config["conditioning"]["kind"] == "text":  # the run names its text encoder; the empty prompt is recomputed
+        from ..models.text import load_text_encoder, restore_null_cond
+
+        c = config["conditioning"]
+        try:
+            text_encoder = load_text_encoder(c["text_encoder"], c["max_length"])
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
+        diffusion["null_cond"] = restore_null_cond(diffusion.get("null_cond"), text_encoder, str(ckpt.path))
 
     model = build_model(dict(extra["model_config"]))
     which = "ema" if use_ema and ckpt.has("ema") else "model"
@@ -402,4 +414,12 @@ def denoiser_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, device: str
     scale = extra["guidance_scale"] if "guidance_scale" in extra else recommended_guidance_scale(config)
     denoiser.guidance_scale = scale if diffusion.get("null_cond") else None
     denoiser.checkpoint_path = ckpt.path
+    denoiser.text_encoder = text_encoder                 # prompts -> cond: models.text.prompt_cond(denoiser, ...)
+    denoiser.prompts = extra.get("prompts")              # a text run's grid prompts (None otherwise)
+    if config["data"].get("latent"):  # a latent run decodes with the VAE it keeps in RUN/vae/ (not a submodule)
+        from ..models.vae import run_vae
+
+        object.__setattr__(denoiser, "vae", run_vae(ckpt.path.parent.parent, device))
+    else:
+        object.__setattr__(denoiser, "vae", None)
     return denoiser

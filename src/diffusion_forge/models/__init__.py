@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .mlp import MLP_DEFAULTS, MLPDenoiser
+from .cond_unet import COND_UNET_PRESETS
 from .unet import UNET_DEFAULTS, UNet, timestep_embedding
 
 __all__ = ["build_model", "list_presets", "count_parameters", "PRESETS", "UNET_DEFAULTS", "MLP_DEFAULTS",
@@ -39,6 +40,7 @@ PRESETS = {
     },
 }
 PRESETS["diffusers_unet"] = PRESETS["unet"]  # the same architectures, built by diffusers
+PRESETS["diffusers_cond_unet"] = COND_UNET_PRESETS  # UNet2DConditionModel, cross-attention to text (cond_unet.py)
 
 PRESET_NOTES = {
     "unet": {"tiny": "for tests: builds and trains in seconds",
@@ -90,8 +92,8 @@ def _jsonable(cfg: dict) -> dict:
 
 
 def build_model(config: dict | None = None) -> nn.Module:
-    """A denoiser from a config: ``type`` (unet | mlp | diffusers_unet), ``preset`` (tiny | small | base),
-    then any option of that type as an override (see ``UNET_DEFAULTS``, ``MLP_DEFAULTS``; for diffusers_unet
+    """A denoiser from a config: ``type`` (unet | mlp | diffusers_unet | diffusers_cond_unet), ``preset``
+    (tiny | small | base), then any option of that type as an override (see ``UNET_DEFAULTS``, ``MLP_DEFAULTS``; for diffusers_unet
     without a preset, ``UNet2DModel``'s own keyword arguments)."""
     opts = dict(config or {})
     kind = opts.pop("type", "unet")
@@ -102,6 +104,10 @@ def build_model(config: dict | None = None) -> nn.Module:
         raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS[kind])}")
     base = dict(PRESETS[kind][preset]) if preset else {}
 
+    if kind == "diffusers_cond_unet":  # diffusers' UNet2DConditionModel (text prompts through cross-attention)
+        from .cond_unet import build_cond_unet
+
+        return build_cond_unet(preset, opts)
     if kind == "mlp":
         model = MLPDenoiser(**{**base, **opts})
         model.build_config = _jsonable({"type": kind, **model.config})

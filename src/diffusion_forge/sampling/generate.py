@@ -33,9 +33,11 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
              sampler_options: dict | None = None, cond: dict | None = None, batch_size: int = 256, device=None,
              progress: bool = False, callback: Callable | None = None, sigmas: str = "default",
              spacing: str = "trailing", sample_shape=None, guidance_scale: float | None = None,
-             guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
+             guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None,
+             decode: bool = True) -> torch.Tensor:
     """``n`` samples from a (wrapped) Denoiser (a loaded run is one), as a float32 CPU tensor of shape
-    (n, *sample_shape), in the denoiser's space.
+    (n, *sample_shape), in the denoiser's space; a latent model (``denoiser.vae`` set: a latent run, a pipeline)
+    returns images instead, each batch decoded by ``models.vae.decode_latents`` (``decode=False``: the latents).
 
     Sample i uses ``torch.Generator().manual_seed(seed + i)``. ``sampler``, ``steps``, ``sampler_options``:
     as :func:`diffusion_forge.sample` (None: the sampler for the NFE budget ``steps``). ``cond``: a dict of
@@ -55,6 +57,9 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
     shape = tuple(int(v) for v in shape)
     cond = check_cond(cond)
     device = model_device_dtype(D, device)[0]
+    vae = getattr(denoiser, "vae", None) if decode else None   # the outermost denoiser's (wrappers forward it)
+    if vae is not None:
+        from ..models.vae import decode_latents
     from tqdm.auto import tqdm
 
     was_training = D.training
@@ -70,7 +75,7 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
                            sigmas=sigmas, spacing=spacing, callback=cb, cond=slice_cond(cond, lo, hi, n),
                            sampler_options=sampler_options, device=device, guidance_scale=guidance_scale,
                            guidance_rescale=guidance_rescale, guidance_interval=guidance_interval)
-                out.append(x.float().cpu())
+                out.append(x.float().cpu() if vae is None else decode_latents(vae, x))
                 bar.update(hi - lo)
     finally:
         D.train(was_training)

@@ -5,6 +5,11 @@ dict (``{"class_labels": int64 (B,)}`` for labelled sets, ``{}`` otherwise). Wit
 the network gets ``num_class_embeds = K + 1`` for K classes: ids 0..K-1 are the classes and id K is the null
 class, which condition dropout puts in place of a label (and classifier-free guidance later samples with).
 ``conditioning.dropout=0`` trains no null class: K embeddings, ``null_cond`` None (so no classifier-free guidance).
+
+With ``conditioning.kind=text`` the data set yields caption ids (``data.captions``), turned here into the token
+states of the run's frozen text encoder (``models.text``): cond ``{"encoder_hidden_states": (B, L, D)}``, fed to
+the cross-attention of ``UNet2DConditionModel`` (model.type diffusers_cond_unet, the default for text); the
+null condition is the empty prompt's (L, D) states, which caption dropout trains.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from .config import Config, ConfigError
 
 def build_schedule(cfg: Config) -> NoiseSchedule:
     """The training process: named betas (custom beta_start / beta_end where given), T steps, zero-SNR rescale."""
+    from .init_from import adopt_process; adopt_process(cfg)  # model.init_from: the pipeline's process
     d = cfg.diffusion
     return NoiseSchedule.from_name(d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
                                    zero_terminal_snr=d.zero_terminal_snr)
@@ -45,9 +51,16 @@ class TrainingData:
 
         source = cfg.data.source
         ds = data_module.load_dataset(source, image_size=cfg.data.image_size, channels=cfg.data.channels,
-                                      split="train", flip=False)  # flips are drawn by the trainer, from (seed, step)
+                                      split="train", flip=False,  # flips are drawn by the trainer, from (seed, step)
+                                      text_column=cfg.data.text_column)
         if len(ds) == 0:
             raise ConfigError(f"data set {source!r} is empty")
+        self.text_encoder, self.captions = self._text_setup(cfg, ds), getattr(ds, "captions", None)
+        self.vae = None
+        if cfg.data.latent:  # latent diffusion: the items are the images' VAE latents, encoded once (data/latents.py)
+            from ..data.latents import latent_training_set
+
+            ds, self.vae = latent_training_set(ds, cfg)
         self.dataset, self.n = ds, len(ds)
         self.sample_shape = tuple(getattr(ds, "shape", None) or torch.as_tensor(ds[0][0]).shape)
         self.kind = getattr(ds, "kind", None) or {3: "image", 1: "vector", 2: "signal"}.get(len(self.sample_shape))
@@ -56,6 +69,26 @@ class TrainingData:
                               f"{self.sample_shape}; drop data.flip")
         self.conditional = cfg.conditioning.kind == "class"
         self.num_classes = self._check_labels(cfg, ds) if self.conditional else 0
+
+    @staticmethod
+    def _text_setup(cfg: Config, ds):
+        """kind=text: the data set's captions checked, its cond switched to caption ids, and the text encoder."""
+        if cfg.conditioning.kind != "text":
+            return None
+        source, captions = cfg.data.source, getattr(ds, "captions", None)
+        if captions is None or not all(isinstance(c, str) for c in captions):
+            have = "none" if captions is None else f"none for {sum(not isinstance(c, str) for c in captions)} items"
+            raise ConfigError(f"conditioning.kind=text needs captions, and data set {source!r} has {have}; use a "
+                              "captioned set (mnist, digits, emoji, an image folder with a metadata.jsonl of "
+                              "file_name / text, an HF set with a text column: data.text_column) or "
+                              "conditioning.kind=class / none")
+        ds.set_conditioning("text")
+        from ..models.text import load_text_encoder
+
+        try:
+            return load_text_encoder(cfg.conditioning.text_encoder, cfg.conditioning.max_length)
+        except ValueError as e:
+            raise ConfigError(f"conditioning.text_encoder: {e}") from None
 
     @staticmethod
     def _check_labels(cfg: Config, ds) -> int:
@@ -85,6 +118,10 @@ class TrainingData:
             items = [ds[int(i)] for i in idx]
             x = torch.stack([torch.as_tensor(item[0]) for item in items])
             cond = [item[1] for item in items]
+        if self.text_encoder is not None:   # caption ids -> the prompts' token states (cached per prompt)
+            ids = cond["caption_ids"] if isinstance(cond, dict) else torch.as_tensor([c["caption_ids"] for c in cond])
+            prompts = [self.captions[int(i)] for i in torch.as_tensor(ids).reshape(-1)]
+            return x.float(), {"encoder_hidden_states": self.text_encoder.encode(prompts)}
         if not self.conditional:
             return x.float(), {}
         if isinstance(cond, dict):  # the data protocol: a dict of batched tensors
@@ -103,10 +140,35 @@ def null_class(cfg: Config, num_classes: int = 0) -> int | None:
     return num_classes if num_classes and cfg.conditioning.dropout > 0 else None
 
 
-def model_config(cfg: Config, sample_shape: tuple[int, ...], num_classes: int = 0) -> dict:
+_NOTED_TEXT_UNET: list = []
+
+
+def network_type(cfg: Config) -> str:
+    """model.type, with text runs on diffusers_cond_unet (model.type=unet, the default, becomes it, said once);
+    a network that cannot take text, or the text U-Net without text: ConfigError."""
+    kind, text = cfg.model.type, cfg.conditioning.kind == "text"
+    if text and kind == "unet":
+        if not _NOTED_TEXT_UNET:
+            _NOTED_TEXT_UNET.append(True)
+            print("note: conditioning.kind=text trains model.type=diffusers_cond_unet (diffusers' "
+                  "UNet2DConditionModel: cross-attention to the prompt)")
+        return "diffusers_cond_unet"
+    if text and kind != "diffusers_cond_unet":
+        raise ConfigError(f"conditioning.kind=text needs a network with cross-attention: model.type="
+                          f"diffusers_cond_unet (or unet, which becomes it); model.type={kind} takes no text")
+    if kind == "diffusers_cond_unet" and not text:
+        raise ConfigError(f"model.type=diffusers_cond_unet is the text-conditional U-Net: set conditioning.kind="
+                          f"text (a captioned data set), or use model.type=unet for conditioning.kind="
+                          f"{cfg.conditioning.kind}")
+    return kind
+
+
+def model_config(cfg: Config, sample_shape: tuple[int, ...], num_classes: int = 0,
+                 cross_attention_dim: int | None = None) -> dict:
     """What ``models.build_model`` gets: type, preset, the data's shape, the class embedding (K + 1 ids for
-    K classes, the last one null; K when conditioning.dropout=0), then the user's overrides (model.options)."""
-    mc: dict = {"type": cfg.model.type, "preset": cfg.model.preset}
+    K classes, the last one null; K when conditioning.dropout=0), the text encoder's width D for a text run's
+    cross-attention, then the user's overrides (model.options)."""
+    mc: dict = {"type": network_type(cfg), "preset": cfg.model.preset}
     if cfg.model.type == "mlp":
         mc["dim"] = int(np.prod(sample_shape))
     else:
@@ -117,27 +179,34 @@ def model_config(cfg: Config, sample_shape: tuple[int, ...], num_classes: int = 
         mc["sample_size"] = sample_shape[-1]
     if num_classes:  # K classes, plus the null class K when the run drops labels
         mc["num_class_embeds"] = num_classes + int(null_class(cfg, num_classes) is not None)
+    if cross_attention_dim:  # text: keys and values of cross-attention come from (B, L, D) token states
+        mc["cross_attention_dim"] = int(cross_attention_dim)
     mc.update(cfg.model.options)
     return mc
 
 
-def diffusion_config(schedule: NoiseSchedule, cfg: Config, sample_shape, num_classes: int = 0) -> dict:
-    """What a trained network carries: the process it was trained on, and its null condition."""
+def diffusion_config(schedule: NoiseSchedule, cfg: Config, sample_shape, num_classes: int = 0,
+                     text_encoder=None) -> dict:
+    """What a trained network carries: the process it was trained on, and its null condition (a text run: the
+    empty prompt's token states (L, D), when conditioning.dropout > 0)."""
     null_id = null_class(cfg, num_classes)
     null = {"class_labels": null_id} if null_id is not None else None
+    if text_encoder is not None and cfg.conditioning.dropout > 0:
+        null = {"encoder_hidden_states": text_encoder.null_embedding()}
     return {"schedule": schedule.to_dict(), "prediction": cfg.diffusion.prediction, "null_cond": null,
             "sample_shape": list(sample_shape)}
 
 
-def build_network(cfg: Config, sample_shape, schedule: NoiseSchedule, num_classes: int = 0):
+def build_network(cfg: Config, sample_shape, schedule: NoiseSchedule, num_classes: int = 0, text_encoder=None):
     """(network, its resolved build config); the initial weights depend only on run.seed. The network
     carries ``diffusion_config`` (schedule, prediction, null condition)."""
     from ..models import build_model
 
-    mc = model_config(cfg, sample_shape, num_classes)
+    if cfg.model.init_from: from .init_from import init_network; return init_network(cfg, sample_shape, schedule, num_classes)  # noqa: E701
+    mc = model_config(cfg, sample_shape, num_classes, text_encoder.dim if text_encoder is not None else None)
     torch.manual_seed(cfg.run.seed)
     model = build_model(mc)
-    model.diffusion_config = diffusion_config(schedule, cfg, sample_shape, num_classes)
+    model.diffusion_config = diffusion_config(schedule, cfg, sample_shape, num_classes, text_encoder)
     return model, getattr(model, "build_config", mc)
 
 

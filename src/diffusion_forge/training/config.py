@@ -17,12 +17,19 @@ from dataclasses import dataclass, field
 
 FORMAT_VERSION = 2
 
-# The classifier-free guidance scale w that benchmarks/guidance.py measured best for the default class-conditional
-# recipe (pred = pred_uncond + w (pred_cond - pred_uncond)): the lowest FD-Digits among the scales giving >= 99%
-# of the requested digit (w = 1.25: 99.7%, FD 29.9; w = 1: 98.3%, FD 24.1; README "Conditioning and guidance").
-# What a class-conditional run samples with when sample.guidance_scale is none; unconditional runs sample
-# without classifier-free guidance.
+# The classifier-free guidance recipe that benchmarks/guidance.py measured for the default class-conditional
+# recipe (pred = pred_uncond + w (pred_cond - pred_uncond)), with euler_ancestral at eta 1.4, 20 steps: the lowest
+# FD-Digits among the scales giving >= 99% of the requested digit is w = 1.25 (99.4%, FD 15.1, recall 0.70),
+# below the unconditional recipe's FD with the same sampler (16.7; 25.5 with its own eta 1.8). README
+# "Conditioning and guidance". The scale is what a conditional run samples with when sample.guidance_scale is
+# none; the sampler options are a new conditional run's sample.options unless the user sets them (guided
+# samples are sharper: the extra fresh noise of eta 1.8, which helps the unconditional model, there only costs
+# FD: at w = 1.25, FD 29.9 with eta 1.8). Unconditional runs sample without classifier-free guidance.
 RECOMMENDED_GUIDANCE_SCALE = 1.25
+# Text runs (conditioning.kind=text): the scale at which a tiny text model on digit captions follows held-out
+# phrasings (tests/test_text.py; benchmarks/text.py measures it on MNIST, docs/text.md).
+RECOMMENDED_TEXT_GUIDANCE_SCALE = 3.0
+GUIDED_SAMPLER_OPTIONS = {"eta": 1.4}
 
 
 def knob(default, help: str, flat: str | None = None):
@@ -42,6 +49,9 @@ class DataConfig:
     image_size: int | None = knob(None, "resize images to this size (none: the data's own)", "image_size")
     channels: int | None = knob(None, "1 or 3 (none: the data's own)", "channels")
     flip: bool = knob(False, "random horizontal flips of images, drawn from (seed, step)", "flip")
+    latent: str | None = knob(None, "train in the latent space of this VAE: a folder from `dforge train-vae`, a "
+                                    "diffusers AutoencoderKL folder or hub name (none: pixel space)")
+    text_column: str | None = knob(None, "Hugging Face data sets: the caption column (none: 'text', else 'caption')")
 
 
 @dataclass
@@ -62,14 +72,20 @@ class ModelConfig:
     type: str = knob("unet", "unet | mlp | diffusers_unet", "model")
     preset: str = knob("small", "tiny | small | base", "preset")
     options: dict = knob({}, "overrides of the preset, e.g. {dropout: 0.1}", "model_options")
+    init_from: str | None = knob(None, "fine-tune: start from this diffusers pipeline / UNet folder or hub id "
+                                       "(its schedule and prediction type unless set here)")
 
 
 @dataclass
 class ConditioningConfig:
-    kind: str = knob("none", "none | class (class labels of the data; text comes later)")
-    dropout: float = knob(0.1, "probability that a sample's condition is replaced by the null class during training "
-                               "(used when kind != none; 0: no null class, so no classifier-free guidance)")
+    kind: str = knob("none", "none | class (class labels of the data) | text (captions of the data)")
+    dropout: float = knob(0.1, "probability that a sample's condition is replaced by the null class (class) or the "
+                               "empty prompt (text) during training (used when kind != none; 0: no null "
+                               "condition, so no classifier-free guidance)")
     num_classes: int | None = knob(None, "number of classes (none: from the data)")
+    text_encoder: str = knob("all-MiniLM-L6-v2", "frozen text encoder of kind=text: all-MiniLM-L6-v2 (bundled, "
+                                                 "offline) or a Hugging Face model name or folder")
+    max_length: int = knob(32, "prompt tokens fed to cross-attention (padded / truncated to this)")
 
 
 @dataclass
@@ -116,7 +132,9 @@ class SampleConfig:
     sampler: str | None = knob("euler_ancestral", "sampler of the grids, the demo and `dforge sample` "
                                                   "(none: the best for the NFE budget)", "sampler")
     steps: int = knob(20, "its steps", "sample_steps")
-    options: dict = knob({"eta": 1.8}, "its options (eta > 1: more fresh noise)", "sampler_options")
+    options: dict = knob({"eta": 1.8}, "its options (eta > 1: more fresh noise; a new conditional run's default is "
+                                       f"{{eta: {GUIDED_SAMPLER_OPTIONS['eta']:g}}}, measured best with guidance)",
+                         "sampler_options")
     guidance_scale: float | None = knob(None, "classifier-free guidance scale w of the grids and of `dforge sample` "
                                               "when none is given: pred = pred_uncond + w (pred_cond - pred_uncond), "
                                               "w = 1 conditional, 0 unconditional (none: the recipe's, "
@@ -133,8 +151,8 @@ SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine", "sigmoid")
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
-MODEL_TYPES = ("unet", "mlp", "diffusers_unet")
-CONDITIONING_KINDS = ("none", "class")
+MODEL_TYPES = ("unet", "mlp", "diffusers_unet", "diffusers_cond_unet")
+CONDITIONING_KINDS = ("none", "class", "text")
 
 
 class ConfigError(ValueError):
@@ -233,9 +251,6 @@ def validate(cfg: Config) -> None:
     choice("run.mixed_precision", PRECISIONS)
     choice("optim.lr_schedule", LR_SCHEDULES)
     choice("model.type", MODEL_TYPES)
-    if c.kind == "text":
-        raise ConfigError("conditioning.kind=text: text conditioning needs a data set with captions and is not "
-                          "available yet; use conditioning.kind=class (a labelled data set) or none")
     choice("conditioning.kind", CONDITIONING_KINDS)
     for dotted in ("optim.steps", "optim.batch_size", "optim.grad_accum", "diffusion.num_timesteps", "run.log_every",
                    "sample.n", "sample.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.eval_n"):
@@ -277,7 +292,7 @@ def _check_guidance(cfg: Config) -> None:
                           "0: the unconditional one)")
     if c.kind == "none":
         raise ConfigError(f"sample.guidance_scale={w:g} needs a class-conditional run: set conditioning.kind=class "
-                          "(an unconditional model has no condition to guide towards), or drop the key")
+                          "(or text, with captions; an unconditional model has no condition to guide towards), or drop the key")
     if c.dropout == 0:
         raise ConfigError(f"sample.guidance_scale={w:g} needs a null class, and conditioning.dropout=0 trains none: "
                           "set conditioning.dropout > 0 (the default is 0.1), or drop the key")
@@ -292,7 +307,7 @@ def recommended_guidance_scale(config) -> float | None:
     if cfg.sample.guidance_scale is not None:
         return float(cfg.sample.guidance_scale)
     if cfg.conditioning.kind != "none" and cfg.conditioning.dropout > 0:
-        return float(RECOMMENDED_GUIDANCE_SCALE)
+        return float(RECOMMENDED_TEXT_GUIDANCE_SCALE if cfg.conditioning.kind == "text" else RECOMMENDED_GUIDANCE_SCALE)
     return None
 
 

@@ -58,7 +58,7 @@ def overfit_batch(cfg: Config, steps: int = 300, batch_size: int = 16, progress:
     data = TrainingData(cfg)
     batch_size = min(batch_size, data.n)
     x0, cond, t, noise = _fixed_batch(cfg, data, batch_size)
-    model, _ = build_network(cfg, data.sample_shape, schedule, data.num_classes)
+    model, _ = build_network(cfg, data.sample_shape, schedule, data.num_classes, text_encoder=data.text_encoder)
     D = Denoiser(model, schedule, cfg.diffusion.prediction)
     opt = make_optimizer(model, cfg)
     for group in opt.param_groups:

@@ -13,7 +13,8 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import FIELDS, FLAT_ALIASES, FORMAT_VERSION, SECTIONS, _SHORT, Config, ConfigError, defaults
+from .config import (FIELDS, FLAT_ALIASES, FORMAT_VERSION, GUIDED_SAMPLER_OPTIONS, SECTIONS, _SHORT, Config, ConfigError,
+                     defaults)
 
 # Names other tools (diffusers' scripts, nanoGPT) use for our keys, for the did-you-mean hint.
 FOREIGN = {"learning_rate": "lr", "train_batch_size": "batch_size", "max_train_steps": "steps", "max_steps": "steps",
@@ -221,6 +222,9 @@ def merge_config(base: dict | None = None, file: str | Path | None = None, flags
     given += settings(flags or {})
     cfg = Config.from_nested(apply(nested, given))
     _check_given_dropout(cfg, given)
+    if base is None and cfg.conditioning.kind != "none" and not any(path[:2] == ("sample", "options")
+                                                                     for path, _ in given):
+        cfg.sample.options = dict(GUIDED_SAMPLER_OPTIONS)   # a new conditional run: the guided sampler's options
     return cfg
 
 

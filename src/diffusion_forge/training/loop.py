@@ -50,7 +50,7 @@ class Fit:
             return
         n_params = sum(p.numel() for p in tr.unwrapped.parameters())
         cond = f", {tr.num_classes} classes (dropout {cfg.conditioning.dropout:g})" if tr.num_classes else ""
-        print(f"training {cfg.model.type}/{cfg.model.preset} ({n_params / 1e6:.2f}M parameters) on "
+        print(f"training {tr.model_config.get('type', cfg.model.type)}/{cfg.model.preset} ({n_params / 1e6:.2f}M parameters) on "
               f"{cfg.data.source} ({tr.data.n} items of shape {tr.sample_shape}{cond}) for {cfg.optim.steps} "
               f"steps of batch {cfg.optim.batch_size}; {tr.world} process(es) on {tr.device}, "
               f"precision {tr.precision}")

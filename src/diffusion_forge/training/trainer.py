@@ -4,6 +4,7 @@
         for step in range(start, optim.steps):
             x0, cond, t, eps = drawn from generators seeded by (seed, step)     # resumable bit for bit
             cond             = labels, a fraction conditioning.dropout of them replaced by the null id
+                               (text: the captions' token states, a fraction replaced by the empty prompt's)
             loss             = diffusion_loss(Denoiser(network, schedule, prediction), x0, t, eps, cond)
             AdamW step       (warm-up then constant / cosine lr, gradient clipping, accumulation, AMP)
             EMA update       (the same on every process: no communication needed)
@@ -64,10 +65,22 @@ class Trainer:
 
         self.schedule = build_schedule(cfg)
         self.data = TrainingData(cfg)
+        if self.data.vae is not None and self.acc.is_main_process:  # a latent run keeps its VAE: RUN/vae/
+            from ..models.vae import keep_run_vae
+
+            keep_run_vae(self.run_dir, self.data.vae)
         self.sample_shape, self.num_classes = self.data.sample_shape, self.data.num_classes
         # the CFG scale of the grids and the run's recommendation (recorded in each checkpoint); None: no CFG
         self.guidance_scale = recommended_guidance_scale(cfg) if null_class(cfg, self.num_classes) is not None else None
-        model, self.model_config = build_network(cfg, self.sample_shape, self.schedule, self.num_classes)
+        self.text_encoder = self.data.text_encoder          # kind=text: the frozen prompt encoder, else None
+        if self.text_encoder is not None:
+            from ..data.captions import sample_prompts
+            from ..models.text import text_guidance_scale
+
+            self.guidance_scale = text_guidance_scale(cfg)
+            self.prompts = sample_prompts(cfg.data.source, self.data.captions)   # the grids' fixed prompts
+        model, self.model_config = build_network(cfg, self.sample_shape, self.schedule, self.num_classes,
+                                                 text_encoder=self.text_encoder)
         self.ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)  # a copy: carries the diffusion_config too
         self.ema.module.to(self.device)
         self.model = self.acc.prepare(model)               # moved to the device; DDP-wrapped when several
@@ -114,7 +127,10 @@ class Trainer:
         if flips is not None:
             x0 = torch.where(flips.reshape(-1, *[1] * (x0.ndim - 1)), x0.flip(-1), x0)
         drop = dropout_mask(step, b, cfg.conditioning.dropout, cfg.run.seed) if cond else None
-        if drop is not None:  # condition dropout: y_i <- null id where u_i < p
+        if drop is not None and self.text_encoder is not None:  # caption dropout: h_i <- h("") where u_i < p
+            h = cond["encoder_hidden_states"]
+            cond = {"encoder_hidden_states": torch.where(drop[:, None, None], self.text_encoder.null_embedding(), h)}
+        elif drop is not None:  # condition dropout: y_i <- null id where u_i < p
             cond = {"class_labels": torch.where(drop, torch.full_like(cond["class_labels"], self.null_id),
                                                 cond["class_labels"])}
         per_process = b // self.world
@@ -164,11 +180,18 @@ class Trainer:
         digests = self._gather_digests()
         path = None
         if self.acc.is_main_process:
+            diffusion = dict(self.unwrapped.diffusion_config)
+            if self.text_encoder is not None:  # the empty prompt's states are recomputed at load (models/text.py)
+                from ..models.text import saved_null_cond
+
+                diffusion["null_cond"] = saved_null_cond(diffusion["null_cond"], self.text_encoder)
             extra = {"model_config": self.model_config, "schedule": self.schedule.to_dict(),
-                     "diffusion_config": self.unwrapped.diffusion_config, "sample_shape": list(self.sample_shape),
+                     "diffusion_config": diffusion, "sample_shape": list(self.sample_shape),
                      "num_classes": self.num_classes, "guidance_scale": self.guidance_scale,
                      "num_threads": torch.get_num_threads(), "num_processes": self.world, "precision": self.precision,
                      "weights_digests": digests}
+            if self.text_encoder is not None:
+                extra["prompts"] = list(self.prompts)
             full = kind == "step"
             path = save_checkpoint(self.checkpoint_dir, self.step, self.unwrapped, self.ema,
                                    self.optimizer if full else None, self.scaler if full else None,
@@ -233,11 +256,21 @@ class Trainer:
         """The EMA network as a Denoiser (it carries its schedule, prediction and null condition)."""
         from ..denoise.denoiser import Denoiser
 
-        return Denoiser(self.ema.module, sample_shape=self.sample_shape)
+        D = Denoiser(self.ema.module, sample_shape=self.sample_shape)
+        object.__setattr__(D, "vae", self.data.vae)  # latent runs: generate() decodes (not a submodule)
+        D.text_encoder = self.text_encoder           # text runs: prompts -> cond (models.text.prompt_cond)
+        return D
 
     def sample_cond(self, n: int) -> dict | None:
-        """Class labels 0, 1, ..., K-1, 0, 1, ... for n samples of a class-conditional run (None otherwise)."""
+        """Class labels 0, 1, ..., K-1, 0, 1, ... for n samples of a class-conditional run; a text run: the
+        token states of its fixed prompts, sample i prompt i mod P (None otherwise)."""
+        if self.text_encoder is not None:
+            return {"encoder_hidden_states": self.text_encoder.encode(self.sample_prompts(n))}
         return {"class_labels": torch.arange(n) % self.num_classes} if self.num_classes else None
+
+    def sample_prompts(self, n: int) -> list[str]:
+        """A text run's grid prompts: sample i gets prompt i mod P (P = len(self.prompts))."""
+        return [self.prompts[i % len(self.prompts)] for i in range(n)]
 
     def guidance(self) -> dict:
         """generate's classifier-free guidance arguments for the grids: {} for no guidance."""
@@ -262,7 +295,10 @@ class Trainer:
         x = generate(self.ema_denoiser(), n, seed=0, sampler=name, steps=steps, sampler_options=options,
                      cond=cond, device=self.device, **self.guidance())
         guided = f", CFG w = {self.guidance_scale:g}" if self.guidance_scale is not None else ""
-        rows = None if cond is None else [self.class_names()[int(c)] for c in cond["class_labels"]]
+        if self.text_encoder is not None:   # one row per prompt, labelled with it
+            rows = [repr(p) for p in self.sample_prompts(n)]
+        else:
+            rows = None if cond is None else [self.class_names()[int(c)] for c in cond["class_labels"]]
         return save_samples(x, self.run_dir / "samples" / f"step-{self.step:08d}.png",
                             title=f"{self.run_dir.name}, step {self.step} ({name}, {steps} steps{guided})",
                             row_labels=rows)
