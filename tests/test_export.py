@@ -124,3 +124,36 @@ def test_text_latent_denoiser_exports_a_stable_diffusion_pipeline(tmp_path):
     ours = sample_ours(D, 2, seed=0, sampler="dpmpp_2m", steps=4, prompt="a cat", guidance_scale=3.0)
     ours = ((ours + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=0)
+
+
+def test_a_trained_latent_text_run_exports_and_its_pipeline_samples_as_we_do(tmp_path, tmp_path_factory, monkeypatch,
+                                                                            capsys):
+    """A real latent text run (tiny VAE + digit captions + UNet2DConditionModel), exported: the
+    StableDiffusionPipeline that diffusers loads from the folder, with DPMSolverMultistepScheduler, CFG w = 3 and a
+    negative prompt, gives the latents our dpmpp_2m gives on the run itself (same seeds; 2e-4 in latent units),
+    and `dforge generate` reads the folder back."""
+    from test_vae import tiny_vae
+
+    from diffusion_forge.interop.pipeline_sampling import sample_ours
+    from diffusion_forge.io.checkpoint import load_model_from_run
+
+    monkeypatch.setenv("DFORGE_CACHE", str(tmp_path / "cache"))
+    vae = tiny_vae(tmp_path_factory)
+    assert main(["train", "--out", str(tmp_path / "run"), *RUN, "--latent", str(vae), "--conditioning", "text"]) == 0
+    out = tmp_path / "exported"
+    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert front_matter((out / "README.md").read_text())["pipeline_tag"] == "text-to-image"
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(out, use_safetensors=True)
+    assert type(pipe.unet) is diffusers.UNet2DConditionModel        # plain diffusers classes, no code of ours
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    D = load_model_from_run(tmp_path / "run")
+    size = D.vae.config.sample_size if isinstance(D.vae.config.sample_size, int) else None
+    theirs = pipe(["a handwritten three"] * 2, negative_prompt=["the digit 5"] * 2, guidance_scale=3.0,
+                  num_inference_steps=4, generator=gens(2), output_type="latent", height=size, width=size).images
+    ours = sample_ours(D, 2, seed=0, sampler="dpmpp_2m", steps=4, prompt="a handwritten three",
+                       negative_prompt="the digit 5", guidance_scale=3.0, decode_latents=False)
+    assert ours.shape == theirs.shape == (2, *D.sample_shape)
+    np.testing.assert_allclose(ours.numpy(), theirs.float().numpy(), atol=2e-4, rtol=0)
+    assert main(["generate", "--model", str(out), "--prompt", "a handwritten two", "--n", "2", "--steps", "3",
+                 "--out", str(tmp_path / "two.png"), "--no-progress"]) == 0

@@ -27,12 +27,14 @@ __all__ = ["export_run", "export_denoiser", "diffusers_backbone", "export_schedu
 
 def diffusers_backbone(network):
     """The diffusers model behind a network: our U-Net converted to the UNet2DModel with its exact state dict,
-    or the diffusers module a wrapper holds (``.unet``, ``.backbone``)."""
+    a text run's U-Net (a UNet2DConditionModel subclass) to the plain UNet2DConditionModel, or the diffusers
+    module a wrapper holds (``.unet``, ``.backbone``)."""
     import diffusers
     from diffusers import ModelMixin
 
     if hasattr(network, "to_diffusers_config"):
-        unet = diffusers.UNet2DModel(**network.to_diffusers_config())
+        cls = diffusers.UNet2DConditionModel if isinstance(network, diffusers.UNet2DConditionModel) else diffusers.UNet2DModel
+        unet = cls(**network.to_diffusers_config())
         unet.load_state_dict({k: v.detach().cpu() for k, v in network.state_dict().items()})
         return unet
     for attr in ("unet", "backbone", "transformer"):

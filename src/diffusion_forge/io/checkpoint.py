@@ -374,7 +374,7 @@ def denoiser_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, device: str
     from ..denoise import Denoiser
     from ..device import resolve_device
     from ..models import build_model
-    from ..training.config import recommended_guidance_scale
+    from .run_extras import attach_run_extras, run_diffusion_config
 
     device = resolve_device(device)
     extra = ckpt.state.get("extra", {})
@@ -382,25 +382,7 @@ def denoiser_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, device: str
         if key not in extra:
             raise CheckpointError(f"{ckpt.path} does not record its {key} (state.json is incomplete)")
     config = nested_config(ckpt.config)
-    # what the network was trained for: recorded whole by version 2, in pieces by version 1
-    diffusion = dict(extra.get("diffusion_config") or {})
-    diffusion.setdefault("schedule", extra.get("schedule"))
-    diffusion.setdefault("prediction", config["diffusion"]["prediction"])
-    if diffusion["schedule"] is None or diffusion["prediction"] is None:
-        raise CheckpointError(f"{ckpt.path} records no noise schedule or prediction type")
-    num_classes = int(extra.get("num_classes") or config["conditioning"].get("num_classes") or 0)
-    diffusion.setdefault("null_cond", {"class_labels": num_classes} if num_classes else None)
-    text_encoder = None
-    if config["conditioning"]["kind"] == "text":  # the run names its text encoder; the empty prompt is recomputed
-        from ..models.text import load_text_encoder, restore_null_cond
-
-        c = config["conditioning"]
-        try:
-            text_encoder = load_text_encoder(c["text_encoder"], c["max_length"])
-        except ValueError as e:
-            raise CheckpointError(f"{ckpt.path}: {e}") from None
-        diffusion["null_cond"] = restore_null_cond(diffusion.get("null_cond"), text_encoder, str(ckpt.path))
-
+    diffusion, num_classes, text_encoder = run_diffusion_config(ckpt, config)   # what the network was trained for
     model = build_model(dict(extra["model_config"]))
     which = "ema" if use_ema and ckpt.has("ema") else "model"
     if use_ema and which != "ema":
@@ -409,17 +391,5 @@ def denoiser_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, device: str
     model = model.to(device).eval().requires_grad_(False)
     model.diffusion_config = diffusion
     denoiser = Denoiser(model, sample_shape=tuple(int(v) for v in extra["sample_shape"])).eval()
-    denoiser.config, denoiser.step, denoiser.num_classes = config, ckpt.step, num_classes
-    # the scale recorded at training (the recipe's recommendation then), else what the config resolves to now
-    scale = extra["guidance_scale"] if "guidance_scale" in extra else recommended_guidance_scale(config)
-    denoiser.guidance_scale = scale if diffusion.get("null_cond") else None
-    denoiser.checkpoint_path = ckpt.path
-    denoiser.text_encoder = text_encoder                 # prompts -> cond: models.text.prompt_cond(denoiser, ...)
-    denoiser.prompts = extra.get("prompts")              # a text run's grid prompts (None otherwise)
-    if config["data"].get("latent"):  # a latent run decodes with the VAE it keeps in RUN/vae/ (not a submodule)
-        from ..models.vae import run_vae
-
-        object.__setattr__(denoiser, "vae", run_vae(ckpt.path.parent.parent, device))
-    else:
-        object.__setattr__(denoiser, "vae", None)
+    attach_run_extras(denoiser, ckpt, config, num_classes, text_encoder, device)   # .config, .vae, .text_encoder...
     return denoiser
