@@ -40,7 +40,6 @@ and autoguidance with two network evaluations per step, classifier guidance with
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

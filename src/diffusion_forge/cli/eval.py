@@ -56,6 +56,9 @@ def register(sub) -> None:
     g.add_argument("--save-samples", metavar="FILE.npz", help="also write the drawn samples")
     g.add_argument("--nll-n", type=int, default=100, help="held-out images for the NLL bound (0: skip)")
     g.add_argument("--nll-t", type=int, default=32, help="timestep strata per image for the NLL (network calls)")
+    g.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="text runs (conditioning.kind=text): what to draw, repeatable: sample i gets prompt i mod P "
+                        "(default: the run's fixed grid prompts, saved in its checkpoints)")
     add_guidance_args(p)
     p.set_defaults(func=run)
 
@@ -71,7 +74,7 @@ NOTES = {
     "digit_confidence": "samples the classifier labels with probability >= 0.9",
     "digit_accuracy": "samples the digit classifier assigns to the requested digit",
 }
-GUIDANCE_FLAGS = ("class_", "guidance_scale", "guidance_rescale", "guidance_interval", "classifier",
+GUIDANCE_FLAGS = ("prompt", "class_", "guidance_scale", "guidance_rescale", "guidance_interval", "classifier",
                   "classifier_scale", "autoguidance", "guide_with", "autoguidance_scale")
 
 
@@ -80,6 +83,10 @@ def _note(key: str) -> str:
         if key.startswith(head):
             return note
     return ""
+
+
+LATENT_NLL_NOTE = ("a latent run models the VAE's latents, and their likelihood is not the likelihood of the "
+                   "images (the decoder's own is missing), so it is not comparable with pixel runs' bits/dim")
 
 
 def _format(metrics: dict) -> list[str]:
@@ -124,30 +131,38 @@ def run(args) -> int:
         from ..data import TOY_SETS, to_uint8
         from ..io.checkpoint import load_model_from_run
         from ..sampling.generate import generate
-        from .sample import parse_options, run_settings, write_npz
+        from .sample import parse_options, prompt_guidance, run_settings, text_prompts, write_npz
 
         options = parse_options(args.sampler_options)
         trained = load_model_from_run(target, use_ema=not args.no_ema)
         sampler, steps, options = run_settings(trained, args.sampler, args.steps, options)
+        prompts = text_prompts(args, trained)                            # a text run: the run's prompts or --prompt
         denoiser, classes, guidance = guided_denoiser(args, trained)     # every check before any sampling
         labels = classes.labels(args.n)
+        cond = classes.cond(args.n) if prompts is None else prompt_guidance(trained, prompts, guidance)
         data = args.data or trained.config["data"]["source"]
         print(f"dforge eval: drawing {args.n} samples from {target} (step {trained.step}, {sampler}"
               f"{' ' + str(options) if options else ''}, {steps} steps, seeds {args.seed}..{args.seed + args.n - 1}; "
               f"{guidance['text']})")
         x = generate(denoiser, args.n, seed=args.seed, sampler=sampler, steps=steps, sampler_options=options,
-                     cond=classes.cond(args.n), batch_size=args.batch_size, progress=True)
+                     cond=cond, batch_size=args.batch_size, progress=True)
         guidance = {k: v for k, v in guidance.items() if k != "text"} | {"text": guidance["text"]}
         report.update(step=trained.step, sampler=sampler, steps=steps, sampler_options=options, seed=args.seed,
                       guidance=guidance)
+        if prompts is not None:
+            report["prompts"] = list(dict.fromkeys(prompts))
         if str(data).lower() in TOY_SETS:
             return _toy_report(args, trained, data, x, report)
         images = to_uint8(x)
         if args.save_samples:
             arrays = {"images": images} | ({"labels": labels.numpy()} if labels is not None else {})
+            if prompts is not None:
+                import numpy as np
+
+                arrays["prompts"] = np.array(prompts, dtype=str)           # the prompt of each sample
             write_npz(args.save_samples, arrays)
             print(f"  wrote {args.save_samples} (key 'images', uint8 N x H x W x C"
-                  f"{'; labels, int64 N' if labels is not None else ''})")
+                  f"{'; labels, int64 N' if labels is not None else ''}{'; prompts, str N' if prompts else ''})")
     elif target.suffix.lower() == ".npz":
         given = [f"--{f.rstrip('_').replace('_', '-')}" for f in GUIDANCE_FLAGS if getattr(args, f, None) is not None]
         if given:
@@ -172,7 +187,9 @@ def run(args) -> int:
 
         metrics["digit_accuracy"] = digit_accuracy(images, labels.numpy())
     report.update(data=str(data), n=n, n_ref=n_ref, split=args.split, metrics=metrics)
-    if trained is not None and args.nll_n > 0:
+    if trained is not None and args.nll_n > 0 and getattr(trained, "vae", None) is not None:
+        report["nll_skipped"] = LATENT_NLL_NOTE
+    elif trained is not None and args.nll_n > 0:
         report["nll"] = _nll(args, trained, data)
     for line in _format(metrics):
         print(line)
@@ -183,6 +200,8 @@ def run(args) -> int:
         given = f" given {r['given']}" if r.get("given") else ""
         print(f"  {'NLL (bits/dim)':<26} {r['bpd']:.3f} +- {r['ci95']:.3f}{'':<8} 95% interval; {r['n']} "
               f"{r['source']} images{given}, {r['num_t']} t-strata each (variational bound, Monte Carlo over t)")
+    if "nll_skipped" in report:
+        print(f"  note: no NLL (bits/dim): {report['nll_skipped']}")
     if any(k.startswith("FD-EffNet") for k in metrics):
         print("  note: FD-EffNet is not FID; compare it only with FD-EffNet at the same sample count.")
     if "memorization" in extras and args.pairs_out:
@@ -260,16 +279,29 @@ def _nll(args, trained, data) -> dict:
 
     c, h = trained.sample_shape[0], trained.sample_shape[-1]
     held_out = str(data).lower() in BUNDLED
-    ds = load_dataset(data, image_size=h, channels=c, split="test" if held_out else "train")
+    te = getattr(trained, "text_encoder", None)
+    ds = load_dataset(data, image_size=h, channels=c, split="test" if held_out else "train",
+                      text_column=trained.config["data"].get("text_column"))
+    captions = ds.captions if te is not None and getattr(ds, "has_captions", False) else None
+    if captions is not None:
+        ds.set_conditioning("text")                                     # cond: caption ids into ds.captions
     idx = torch.as_tensor(np.sort(np.random.default_rng(0).permutation(len(ds))[: args.nll_n]))
     x0, cond = ds.get_batch(idx)
-    cond = {"class_labels": cond["class_labels"]} if trained.num_classes and "class_labels" in cond else None
+    given = None
+    if te is not None:       # a text run: -log p(x | its caption), else -log p(x | "") (the unconditional model)
+        ids = cond.get("caption_ids") if captions is not None else None
+        texts = [captions[int(i)] for i in ids] if ids is not None else [""] * len(idx)
+        cond, given = {"encoder_hidden_states": te.encode(texts)}, ("their captions" if ids is not None
+                                                                   else "the empty prompt")
+    else:
+        cond = {"class_labels": cond["class_labels"]} if trained.num_classes and "class_labels" in cond else None
+        given = "their labels" if cond is not None else None   # class-conditional: -log p(x | y), y their own
     r = ev.nll_bits_per_dim(trained.model, x0.to(next(trained.model.parameters()).dtype), trained.schedule,
                             trained.prediction, num_t=min(args.nll_t, trained.schedule.num_timesteps),
                             generator=torch.Generator().manual_seed(0), progress="NLL bound", cond=cond)
     r.pop("per_image")
     r["source"] = "held-out test" if held_out else "training (no held-out split)"
-    r["given"] = "their labels" if cond is not None else None   # class-conditional: -log p(x | y), y their own
+    r["given"] = given
     return r
 
 

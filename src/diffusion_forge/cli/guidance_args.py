@@ -300,14 +300,14 @@ def guided_denoiser(args, run_denoiser, cache: dict | None = None):
                 w, source = None, ""        # no trained null condition: the conditional model
         elif w != 1 and not has_null(trained):
             raise UserError(f"--guidance-scale {w:g} needs a trained null condition, and {run} was trained with "
-                            f"conditioning.dropout=0 (no label was ever dropped): {DROPOUT_FIX}, or leave "
+                            f"conditioning.dropout=0 (no label or caption was ever dropped): {DROPOUT_FIX}, or leave "
                             "--guidance-scale off (the conditional model, w = 1)")
     elif w is not None or plan.rescale is not None or plan.interval is not None:
         flag = "--guidance-scale" if w is not None else ("--guidance-rescale" if plan.rescale is not None
                                                          else "--guidance-interval")
-        raise UserError(f"{flag} is classifier-free guidance, which needs a class-conditional run; {run} is "
-                        "unconditional: train one with dforge train --conditioning class, or guide this one with "
-                        "--classifier CLS --class N or --autoguidance")
+        raise UserError(f"{flag} is classifier-free guidance, which needs a class- or text-conditional run; {run} "
+                        "is unconditional: train one with dforge train --conditioning class (or text), or guide this "
+                        "one with --classifier CLS --class N or --autoguidance")
     if w is not None and w != 1:
         rescale = plan.rescale or 0.0
         D = G.ClassifierFreeGuidance(D, w, rescale=rescale, interval=plan.interval)

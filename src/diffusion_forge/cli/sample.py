@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..io.files import IMAGE_SUFFIXES, PLOT_SUFFIXES
 from . import HelpFormatter, UserError, add_force
-from .guidance_args import CONVENTION, add_guidance_args, check_args, guided_denoiser
+from .guidance_args import CONVENTION, _run_name, add_guidance_args, check_args, guided_denoiser
 
 SIGMAS_HELP = "default (the model's own sigmas at the --spacing timesteps), karras or exponential"
 SPACING_HELP = "trailing (starts at pure noise for every step count), leading or linspace; for --sigmas default"
@@ -219,12 +219,7 @@ def run(args) -> int:
     labels = classes.labels(args.n)
     cond = classes.cond(args.n)
     if prompts is not None:
-        from ..models.text import prompt_cond
-
-        cond = prompt_cond(trained, prompts)[0]
-        negative = "" if args.negative_prompt is None else f", negative prompt {args.negative_prompt!r}"
-        rest = guidance["text"].removeprefix("unconditional; ")          # classes: none on a text run
-        guidance["text"] = f"prompts {list(dict.fromkeys(prompts))!r}{negative}; {rest}"
+        cond = prompt_guidance(trained, prompts, guidance, args.negative_prompt)
     start = time.time()
     x = generate(denoiser, args.n, seed=args.seed, sampler=sampler, steps=steps, sampler_options=options,
                  cond=cond, batch_size=args.batch_size, device=device, sigmas=args.sigmas,
@@ -251,25 +246,39 @@ def run(args) -> int:
     return 0
 
 
-def text_prompts(args, trained) -> list[str] | None:
-    """The prompt of each of the args.n samples of a text run (prompt i mod P; default: the run's grid prompts),
-    None for other runs; --prompt / --negative-prompt on a run without text conditioning: UserError. A negative
-    prompt becomes the run's null condition for this command (the unguided branch of CFG)."""
+def text_prompts(args, trained, n: int | None = None) -> list[str] | None:
+    """The prompt of each of the ``n`` (default args.n) samples of a text run (prompt i mod P; default: the
+    run's grid prompts), None for other runs; --prompt / --negative-prompt on a run without text conditioning:
+    UserError. A negative prompt becomes the run's null condition for this command (the unguided branch of
+    CFG). Shared by sample, eval and viz."""
     given, negative = getattr(args, "prompt", None), getattr(args, "negative_prompt", None)
+    n = args.n if n is None else n
     te = getattr(trained, "text_encoder", None)
     if te is None:
         if given is not None or negative is not None:
             kind = (getattr(trained, "config", None) or {}).get("conditioning", {}).get("kind", "none")
             flag = "--prompt" if given is not None else "--negative-prompt"
             hint = "--class N" if kind == "class" else "no prompt"
-            raise UserError(f"{flag} needs a text-conditional run, and {args.run} was trained with "
+            raise UserError(f"{flag} needs a text-conditional run, and {_run_name(args)} was trained with "
                             f"conditioning.kind={kind}: sample it with {hint}, or train one on captions with "
                             "dforge train --conditioning text")
         return None
     chosen = list(given) if given else list(getattr(trained, "prompts", None) or [""])
     if negative is not None:
         trained.null_cond = {"encoder_hidden_states": te.encode([negative])[0]}
-    return [chosen[i % len(chosen)] for i in range(args.n)]
+    return [chosen[i % len(chosen)] for i in range(n)]
+
+
+def prompt_guidance(trained, prompts: list[str], guidance: dict, negative: str | None = None) -> dict:
+    """The cond of a text run's per-sample ``prompts`` (``models.text.prompt_cond``); ``guidance``'s summary
+    line (from ``guided_denoiser``) is rewritten to name the prompts instead of "unconditional"."""
+    from ..models.text import prompt_cond
+
+    cond = prompt_cond(trained, prompts)[0]
+    neg = "" if negative is None else f", negative prompt {negative!r}"
+    rest = guidance["text"].removeprefix("unconditional; ")          # classes: none on a text run
+    guidance["text"] = f"prompts {list(dict.fromkeys(prompts))!r}{neg}; {rest}"
+    return cond
 
 
 def guidance_title(guidance: dict) -> str:

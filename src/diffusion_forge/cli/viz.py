@@ -59,6 +59,9 @@ def register(sub) -> None:
             r.add_argument("--samplers", default="euler,heun,ddim,dpmpp_2m,unipc", help="comma-separated samplers")
             r.add_argument("--step-counts", default="5,10,20", help="comma-separated step counts")
             r.add_argument("--n", type=int, default=4, help="samples per cell (2-D data: points per cell)")
+        r.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                       help="text runs (conditioning.kind=text): what to draw, repeatable: sample i gets prompt i "
+                            "mod P (default: the run's grid prompts); shown conditionally (w = 1), as class runs")
 
     gd = what.add_parser("guidance", help="the same seeds at increasing guidance scale, one row per scale",
                          description=f"One row per scale, the same seeds (and classes i mod K) along every row. "
@@ -133,10 +136,18 @@ def _load(args):
     return load_model_from_run(args.run, use_ema=not args.no_ema)
 
 
-def _class_cond(trained, n: int) -> dict | None:
-    """A class-conditional run is shown conditionally (w = 1): sample i gets class i mod K."""
+def _run_cond(args, trained, n: int) -> dict | None:
+    """A conditional run is shown conditionally (w = 1): on a class run sample i gets class i mod K, on a text
+    run prompt i mod P (--prompt, default: the run's grid prompts)."""
     import torch
 
+    from .sample import text_prompts
+
+    prompts = text_prompts(args, trained, n)                  # --prompt on another run: UserError
+    if prompts is not None:
+        from ..models.text import prompt_cond
+
+        return prompt_cond(trained, prompts)[0]
     k = int(getattr(trained, "num_classes", 0) or 0)
     return {"class_labels": torch.arange(n) % k} if k else None
 
@@ -151,7 +162,7 @@ def _trajectory(args) -> int:
     trained = _load(args)
     n = 1 if len(trained.sample_shape) > 1 else 1000
     traj = record_trajectory(trained, shape=(n, *trained.sample_shape), sampler=args.sampler, steps=args.steps,
-                             seed=args.seed, cond=_class_cond(trained, n))
+                             seed=args.seed, cond=_run_cond(args, trained, n))
     plot_trajectory(args.out, traj, frames=args.frames)
     print(f"wrote {args.out} ({args.sampler}, {args.steps} steps, seed {args.seed})")
     return 0
@@ -174,7 +185,7 @@ def _samplers(args) -> int:
     trained = _load(args)
     n = args.n if len(trained.sample_shape) > 1 else max(args.n, 500)
     grid = sampler_grid(trained, shape=(n, *trained.sample_shape), samplers=names, steps=counts, seed=args.seed,
-                        cond=_class_cond(trained, n))
+                        cond=_run_cond(args, trained, n))
     plot_sampler_grid(args.out, grid)
     print(f"wrote {args.out} ({len(names)} samplers x {len(counts)} step counts, seeds {args.seed}..{args.seed + n - 1})")
     return 0

@@ -21,7 +21,7 @@ written atomically. Tests that swap a module-level setting patch the module that
 """
 from ..io.files import cache_dir
 from ..models.feature_nets import EFFNET_FEATURES, EfficientNetLite0, InceptionV3FID
-from .digits import (DIGIT_RECIPE, DigitClassifier, DigitFeatures, _digit_key, digit_classifier,
+from .digits import (DIGIT_RECIPE, DigitClassifier, DigitFeatures, _digit_key as _digit_key, digit_classifier,
                      digit_accuracy, digit_confidence_score, train_digit_classifier)
 from .features import (DIGIT_DATA, EFFNET_SIZE, FEATURE_NETWORKS, INCEPTION_ENV, INCEPTION_FILE, Coordinates,
                        EffNetFeatures, InceptionFeatures, as_model_images, default_networks,

@@ -19,8 +19,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
 from .config import Config, ConfigError
 
 __all__ = ["adopt_process", "init_network", "load_unet"]

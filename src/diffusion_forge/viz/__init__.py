@@ -11,7 +11,7 @@ Each figure function returns the numbers it drew (so tests can check the data, n
 writes the picture atomically: grids as .png or .jpg, plots also as .svg (``io.files.IMAGE_SUFFIXES``,
 ``PLOT_SUFFIXES``); another suffix is a ValueError naming the allowed ones.
 """
-from .figures import _plt, check_picture, kind_of, save_figure
+from .figures import _plt as _plt, check_picture, kind_of, save_figure
 from .guidance import guidance_samples, plot_guidance
 from .images import (group_rows, plot_points, plot_signals, sample_suffixes, save_image_grid, save_samples, tile_grid,
                      tile_rows)

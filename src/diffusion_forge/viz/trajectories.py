@@ -23,6 +23,18 @@ def _setup(denoiser, schedule, prediction, shape, n):
     return D, int(n), None
 
 
+def frame_decoder(denoiser, decode: bool = True):
+    """x -> what a trajectory picture shows of a step's x_t or x_0 prediction: a latent model's (``.vae`` set:
+    a latent run, a pipeline) frames decoded by ``models.vae.decode_latents`` into images in [-1, 1] (x_t as
+    the sampler reports it, x sqrt(alpha_bar), so its decoding is that of the noised latent); else x itself."""
+    vae = getattr(denoiser, "vae", None) if decode else None
+    if vae is None:
+        return lambda x: x
+    from ..models.vae import decode_latents
+
+    return lambda x: decode_latents(vae, x)
+
+
 def record_trajectory(denoiser, schedule=None, shape=None, sampler: str | None = None, steps: int = 20,
                       prediction: str | None = None, seed: int = 0, *, n: int = 1, **kwargs) -> dict:
     """Run one sampling pass and keep what the sampler's callback sees at every step.
@@ -32,19 +44,21 @@ def record_trajectory(denoiser, schedule=None, shape=None, sampler: str | None =
     picks by the NFE budget ``steps`` (``sampling.registry.resolve_sampler``). Other keyword arguments
     (``sampler_options``, ``cond``, ``sigmas``, ``spacing``, ``device``) go to ``generate``; sample i uses the
     CPU generator seeded ``seed + i``. Returns {"t", "sigma", "x_t", "x0" (lists of tensors, one per step),
-    "final" (the sampler's output), "sampler", "steps" (what ran)}."""
+    "final" (the sampler's output), "sampler", "steps" (what ran)}. A latent model's frames are decoded
+    images, like its output (:func:`frame_decoder`; ``decode=False``: latents throughout)."""
     from ..sampling.generate import generate
     from ..sampling.registry import resolve_sampler
 
     D, n, sample_shape = _setup(denoiser, schedule, prediction, shape, n)
     sampler, steps, _ = resolve_sampler(sampler, steps, kwargs.get("sampler_options"))
     rec: dict = {"t": [], "sigma": [], "x_t": [], "x0": []}
+    decode = frame_decoder(denoiser, kwargs.get("decode", True))
 
     def callback(info):
         rec["t"].append(float(info["t"]))
         rec["sigma"].append(float(info["sigma"]))
-        rec["x_t"].append(info["x_t"].detach().float().cpu().clone())
-        rec["x0"].append(info["x0"].detach().float().cpu().clone())
+        rec["x_t"].append(decode(info["x_t"].detach().float().cpu().clone()))
+        rec["x0"].append(decode(info["x0"].detach().float().cpu().clone()))
 
     rec["final"] = generate(D, n, seed=seed, sampler=sampler, steps=steps, batch_size=n, callback=callback,
                             sample_shape=sample_shape, **kwargs)

@@ -181,10 +181,11 @@ def guided(D, req: Request) -> tuple[object, dict]:
     return D, cond
 
 
-def _preview(D, x):
+def _preview(x):
+    """Image 0 of a (decoded) frame as uint8 H x W x C; None for other data."""
     from ..data import to_uint8
 
-    return to_uint8(x[:1].float().clamp(-1, 1))[0] if x.ndim == 4 and getattr(D, "vae", None) is None else None
+    return to_uint8(x[:1].float().clamp(-1, 1))[0] if x.ndim == 4 else None
 
 
 def strip(frames_t: list, frames_0: list):
@@ -214,8 +215,10 @@ def stream(D, req: Request, outdir, cancel: threading.Event | None = None, every
     and the strip as a picture, in milliseconds."""
     from ..sampling.generate import generate
     from ..viz import plot_trajectory, save_samples
+    from ..viz.trajectories import frame_decoder
 
     cancel = cancel or threading.Event()
+    decode = frame_decoder(D)              # a latent model: x_t and x_0 of image 0 decoded at every step
     denoiser, cond = guided(D, req)
     events: queue.Queue = queue.Queue()
     rec: dict = {"t": [], "sigma": [], "x_t": [], "x0": []}
@@ -228,9 +231,9 @@ def stream(D, req: Request, outdir, cancel: threading.Event | None = None, every
         keep = slice(None) if info["x_t"].ndim == 2 else slice(0, 1)   # 2-D data: every point; images: image 0
         rec["t"].append(float(info["t"]))
         rec["sigma"].append(float(info["sigma"]))
-        rec["x_t"].append(info["x_t"][keep].detach().float().cpu())
-        rec["x0"].append(info["x0"][keep].detach().float().cpu())
-        pt, p0 = _preview(D, rec["x_t"][-1]), _preview(D, rec["x0"][-1])
+        rec["x_t"].append(decode(info["x_t"][keep].detach().float().cpu()))
+        rec["x0"].append(decode(info["x0"][keep].detach().float().cpu()))
+        pt, p0 = _preview(rec["x_t"][-1]), _preview(rec["x0"][-1])
         if pt is not None:
             live_t.append(pt), live_0.append(p0)
         events.put(len(rec["t"]))
