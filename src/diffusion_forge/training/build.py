@@ -24,7 +24,9 @@ from .config import Config, ConfigError
 
 def build_schedule(cfg: Config) -> NoiseSchedule:
     """The training process: named betas (custom beta_start / beta_end where given), T steps, zero-SNR rescale."""
-    from .init_from import adopt_process; adopt_process(cfg)  # model.init_from: the pipeline's process
+    from .init_from import adopt_process
+
+    adopt_process(cfg)  # model.init_from: the pipeline's process for the keys left at their defaults
     d = cfg.diffusion
     return NoiseSchedule.from_name(d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
                                    zero_terminal_snr=d.zero_terminal_snr)
@@ -55,6 +57,9 @@ class TrainingData:
                                       text_column=cfg.data.text_column)
         if len(ds) == 0:
             raise ConfigError(f"data set {source!r} is empty")
+        from .init_from import check_data
+
+        check_data(cfg, ds)  # model.init_from: the data fit the pipeline (Stable Diffusion: channels, image size)
         self.text_encoder, self.captions = self._text_setup(cfg, ds), getattr(ds, "captions", None)
         self.vae = None
         if cfg.data.latent:  # latent diffusion: the items are the images' VAE latents, encoded once (data/latents.py)
@@ -201,8 +206,10 @@ def build_network(cfg: Config, sample_shape, schedule: NoiseSchedule, num_classe
     """(network, its resolved build config); the initial weights depend only on run.seed. The network
     carries ``diffusion_config`` (schedule, prediction, null condition)."""
     from ..models import build_model
+    from .init_from import init_network
 
-    if cfg.model.init_from: from .init_from import init_network; return init_network(cfg, sample_shape, schedule, num_classes)  # noqa: E701
+    if cfg.model.init_from:  # fine-tuning: the pretrained U-Net's own architecture and weights
+        return init_network(cfg, sample_shape, schedule, num_classes, text_encoder)
     mc = model_config(cfg, sample_shape, num_classes, text_encoder.dim if text_encoder is not None else None)
     torch.manual_seed(cfg.run.seed)
     model = build_model(mc)
