@@ -54,7 +54,8 @@ def register(sub) -> None:
     p.add_argument("--init-from", metavar="PATH_OR_HUB_ID", default=None,
                    help="fine-tune a pretrained diffusers UNet2DModel (a UNet folder, a DDPMPipeline folder or hub id; "
                         "same as --set model.init_from=...): its architecture and weights, and its schedule and "
-                        "prediction type unless set")
+                        "prediction type unless set; a StableDiffusionPipeline folder trains a latent text run with "
+                        "its VAE and text encoder on captioned data (--conditioning text)")
     p.add_argument("--allow-changes", action="store_true",
                    help="resume an existing run even though some settings differ from those it started with")
     p.add_argument("--overfit-batch", action="store_true",
