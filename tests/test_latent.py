@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from test_vae import tiny_vae
+from test_vae import cache, tiny_vae, vae_dir  # noqa: F401  (fixtures: the session's tiny VAE, a cache per test)
 
 from diffusion_forge.cli import main
 from diffusion_forge.data import load_dataset
@@ -24,16 +24,6 @@ from diffusion_forge.training.build import weights_digest
 FAST = {"data.source": "digits", "model.preset": "tiny", "optim.batch_size": 64, "optim.warmup_steps": 5,
         "run.sample_every": 0, "sample.n": 8, "sample.steps": 4, "run.checkpoint_every": 1000,
         "run.guide_snapshot_step": 0, "run.log_every": 10}
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    return tiny_vae(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DFORGE_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
