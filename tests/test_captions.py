@@ -88,7 +88,7 @@ def test_an_image_folder_with_metadata_jsonl_is_captioned(tmp_path):
 
 
 def test_a_hugging_face_text_column(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a dev dependency (pyproject), always installed by `make test`
     images = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(4)]
     ds = datasets.Dataset.from_dict({"image": images, "description": [f"red {i}" for i in range(4)],
                                      "text": ["x"] * 4},
