@@ -155,7 +155,7 @@ def _from_hub(name: str, cls):
     text = " ".join(errors[-2:]).lower()
     unreachable = offline or any(w in text for w in ("offline", "connect", "resolve", "network", "internet"))
     why = ("the Hugging Face hub cannot be reached (offline?) and it is not in the local cache" if unreachable
-           else errors[-1][:200])
+           else f"there is no folder {name!r} here, and the hub has no AutoencoderKL of that name")
     raise ValueError(f"cannot load the VAE {name!r} from the Hugging Face hub: {why}; give a local VAE folder "
                      "(`dforge train-vae`) or download it while online")
 

@@ -20,7 +20,7 @@ def measure_step(model_config: dict, shape, batch: int = 32, repeats: int = 3, c
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, target = torch.randn(batch, *shape), torch.randn(batch, *shape)
     t = torch.rand(batch) * 999
-    cond = {k: v[:1].expand(batch) if v.ndim else v for k, v in (cond or {}).items()}
+    cond = {k: v[:1].expand(batch, *v.shape[1:]) if v.ndim else v for k, v in (cond or {}).items()}
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
@@ -45,9 +45,12 @@ def step_costs(trained, batch: int = 32, repeats: int = 3) -> dict:
     size = int(meta.get("data_size") or latent_shape[-1] * 2 ** (len(trained.vae.config.block_out_channels) - 1))
     pixel_shape = (int(trained.vae.config.in_channels), size, size)
     k = int(trained.num_classes or 0)
-    cond = {"class_labels": torch.zeros(1, dtype=torch.long)} if k else None
-    return {"latent": measure_step(model_config(cfg, latent_shape, k), latent_shape, batch, repeats, cond),
-            "pixel": measure_step(model_config(cfg, pixel_shape, k), pixel_shape, batch, repeats, cond),
+    cond, text_dim = ({"class_labels": torch.zeros(1, dtype=torch.long)} if k else None), None
+    text = getattr(trained, "text_encoder", None)
+    if text is not None:   # a text run: the empty prompt's token states (1, L, D) feed the cross-attention
+        cond, text_dim = {"encoder_hidden_states": text.encode([""])}, text.dim
+    return {"latent": measure_step(model_config(cfg, latent_shape, k, text_dim), latent_shape, batch, repeats, cond),
+            "pixel": measure_step(model_config(cfg, pixel_shape, k, text_dim), pixel_shape, batch, repeats, cond),
             "batch": batch}
 
 
