@@ -157,3 +157,12 @@ def test_a_trained_latent_text_run_exports_and_its_pipeline_samples_as_we_do(tmp
     np.testing.assert_allclose(ours.numpy(), theirs.float().numpy(), atol=2e-4, rtol=0)
     assert main(["generate", "--model", str(out), "--prompt", "a handwritten two", "--n", "2", "--steps", "3",
                  "--out", str(tmp_path / "two.png"), "--no-progress"]) == 0
+
+
+def test_export_never_replaces_the_run_it_exports(run, capsys):
+    """--out on (or around, or inside) the run folder is refused even with --force: the run is left as it was."""
+    before = digest(run)
+    for out in (run, run / "exported", run.parent):
+        assert main(["export", str(run), "--out", str(out), "--force"]) == 2
+        assert "would overlap the run folder" in capsys.readouterr().err
+    assert digest(run) == before

@@ -175,6 +175,10 @@ def export_run(run, out, force: bool = False, use_ema: bool = True, license: str
     from ..io.runs import read_metrics
 
     out = Path(out)
+    here, there = Path(run).resolve(), out.resolve()
+    if there == here or here in there.parents or there in here.parents:
+        raise ValueError(f"--out {out} would overlap the run folder {run} (--force would replace the run itself); "
+                         "export to a folder outside it")
     _check_out(out, force)                          # before loading anything
     D = load_model_from_run(run, use_ema=use_ema)
     ema = use_ema and D.checkpoint_path is not None and (Path(D.checkpoint_path) / "ema.safetensors").is_file()
