@@ -9,6 +9,11 @@ from ..io.files import IMAGE_SUFFIXES, PLOT_SUFFIXES
 from . import HelpFormatter, UserError, add_force
 from .guidance_args import CONVENTION, _run_name, add_guidance_args, check_args, guided_denoiser
 
+# --precision's default: "no" (float32) until the FD check of benchmarks/throughput.py --fd shows bf16 leaves
+# FD unchanged on a trained run; then "auto" (bf16 where the hardware has it).
+DEFAULT_PRECISION = "no"
+PRECISION_HELP = ("the network's forward: no (float32), bf16 (autocast), fp16 (autocast, CUDA only) or auto (bf16 "
+                  "where the hardware has it, else float32); the sampler's own arithmetic stays float64")
 SIGMAS_HELP = "default (the model's own sigmas at the --spacing timesteps), karras or exponential"
 SPACING_HELP = "trailing (starts at pure noise for every step count), leading or linspace; for --sigmas default"
 EXAMPLES = f"""examples:
@@ -56,6 +61,7 @@ def register(sub) -> None:
     p.add_argument("--step", type=int, default=None, help="use the checkpoint of this step (default: newest)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per network call")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto, a GPU when there is one)")
+    p.add_argument("--precision", default=DEFAULT_PRECISION, help=PRECISION_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     t = p.add_argument_group("text prompts (runs trained with conditioning.kind=text)")
     t.add_argument("--prompt", action="append", default=None, metavar="TEXT",
@@ -144,6 +150,20 @@ def run_settings(trained, sampler: str | None, steps: int | None, options: dict)
     return resolve(sampler, steps or own["steps"], options)
 
 
+def check_precision(precision: str, device) -> str:
+    """``--precision`` checked for ``device`` before any work (UserError naming the choices); returns what it
+    means there: "bf16", "fp16" or "no"."""
+    import torch
+
+    from ..sampling.api import sampling_autocast_dtype
+
+    try:
+        dtype = sampling_autocast_dtype(precision, device)
+    except ValueError as e:
+        raise UserError(f"--precision: {e}") from None
+    return {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def check_grid(sigmas: str, spacing: str) -> None:
     from ..core.schedules import SIGMA_GRIDS, SPACINGS
 
@@ -202,6 +222,7 @@ def run(args) -> int:
     from ..viz import sample_suffixes, save_samples
 
     device = resolve_device(args.device)
+    precision = check_precision(args.precision, device)
     trained = load_model_from_run(args.run, use_ema=not args.no_ema, step=args.step, device=device)
     images = len(trained.sample_shape) == 3
     if out.suffix.lower() not in (".npz", *sample_suffixes(trained.sample_shape)):
@@ -223,7 +244,7 @@ def run(args) -> int:
     start = time.time()
     x = generate(denoiser, args.n, seed=args.seed, sampler=sampler, steps=steps, sampler_options=options,
                  cond=cond, batch_size=args.batch_size, device=device, sigmas=args.sigmas,
-                 spacing=args.spacing, progress=not args.no_progress)
+                 spacing=args.spacing, progress=not args.no_progress, precision=precision)
     seconds = time.time() - start
     if out.suffix.lower() == ".npz":
         arrays = npz_arrays(x)
@@ -242,7 +263,8 @@ def run(args) -> int:
         save_samples(x, out, title=title, raw=args.raw_grid, row_labels=rows)
     weights = "trained" if args.no_ema else "EMA"
     print(f"wrote {args.n} samples of {args.run} (step {trained.step}, {weights} weights, {sampler}"
-          f"{' ' + str(options) if options else ''}, {steps} steps; {guidance['text']}; {seconds:.1f} s) to {out}")
+          f"{' ' + str(options) if options else ''}, {steps} steps; {guidance['text']}; "
+          f"{'float32' if precision == 'no' else precision + ' autocast'}; {seconds:.1f} s) to {out}")
     return 0
 
 

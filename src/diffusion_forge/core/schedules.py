@@ -89,6 +89,32 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
     return torch.cat([s, torch.zeros(1, dtype=F64)])
 
 
+def explicit_sigmas(values, steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """An explicit grid (a 1-D tensor, array or list), checked and returned as float64: strictly decreasing,
+    within the schedule's [sigma_min, sigma_max] (inf allowed first on a zero-terminal-SNR schedule, whose
+    sigma_max is inf), ending with 0 (appended when missing), and ``steps + 1`` values in all."""
+    try:
+        s = torch.as_tensor(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=F64)
+    except (TypeError, ValueError, RuntimeError):
+        s = None
+    if s is None or s.dim() != 1 or s.numel() == 0:
+        raise ValueError(f"sigmas must be one of {', '.join(SIGMA_GRIDS)} or a 1-D sequence of sigmas, largest "
+                         f"first (e.g. [80.0, 5.0, 0.5, 0.0]); got {values!r}")
+    if s[-1] != 0:
+        s = torch.cat([s, torch.zeros(1, dtype=F64)])
+    body = s[:-1]
+    if torch.isnan(s).any() or (body <= 0).any() or (body[1:] == math.inf).any() or (s[1:] >= s[:-1]).any():
+        raise ValueError(f"sigmas must be positive and strictly decreasing, then 0; got {s.tolist()}")
+    tol = 1e-6
+    if (body > sigma_max * (1 + tol)).any() or (body < sigma_min * (1 - tol)).any():
+        raise ValueError(f"sigmas must lie within the schedule's range [{sigma_min:.4g}, {sigma_max:.4g}] (then 0); "
+                         f"got {s.tolist()}")
+    if s.numel() != steps + 1:
+        raise ValueError(f"sigmas hold {s.numel()} values with the final 0, but the sampler takes {steps} steps: "
+                         f"pass {steps + 1} (or {steps} without the 0)")
+    return s
+
+
 def spaced_timesteps(T: int, n: int, spacing: Spacing = "leading", steps_offset: int = 0) -> torch.Tensor:
     """The n sampling timesteps, largest first, exactly as diffusers' DDIMScheduler.set_timesteps:
 
@@ -322,7 +348,11 @@ class NoiseSchedule:
         """``steps + 1`` sigmas, largest first, ending at 0 (the clean data).
 
         "default": the model's own sigmas at the spaced timesteps; "karras": Karras et al.'s rho-grid
-        between the schedule's sigma_min and sigma_max; "exponential": log-uniform between them."""
+        between the schedule's sigma_min and sigma_max; "exponential": log-uniform between them. An explicit
+        grid (1-D tensor or list, e.g. from :func:`diffusion_forge.sampling.grids.optimize_sigmas`) is checked
+        by :func:`explicit_sigmas` against ``steps`` and the schedule's range, and returned."""
+        if not isinstance(sigmas, str):
+            return explicit_sigmas(sigmas, steps, self.sigma_min, float(self.sigmas[-1]))
         if sigmas == "default":
             s = self.sigma_at(self.timesteps(steps, spacing))
             return torch.cat([s, torch.zeros(1, dtype=F64)])

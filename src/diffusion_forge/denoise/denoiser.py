@@ -16,6 +16,7 @@ denoiser's, and inherits ``forward`` (the x -> x_t map) from :class:`DenoiserBas
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -29,7 +30,7 @@ F64 = torch.float64
 SNR0_HINT = ("; or sample with sigmas='karras' / 'exponential', which start at a finite sigma_max")
 
 __all__ = ["DenoiserBase", "Denoiser", "DenoiserWrapper", "ClipX0", "DynamicThreshold", "as_denoiser",
-           "sigma_batch"]
+           "sigma_batch", "network_autocast"]
 
 
 def sigma_batch(sigma, batch: int) -> torch.Tensor:
@@ -99,6 +100,10 @@ class Denoiser(DenoiserBase):
     the run loader); an explicit one that contradicts it is a ValueError. A bare network: prediction
     "epsilon" (as diffusers), schedule required. ``model_dtype``: the dtype the network is called in
     (default: its parameters', else float32). ``nfe`` counts network evaluations (one per batch call).
+    ``autocast_dtype``: None (the network runs in ``model_dtype``), or torch.bfloat16 / torch.float16: the
+    network's forward runs under ``torch.autocast`` in that dtype, its output still returned in x_t's dtype,
+    so everything around it (sigmas, the samplers' updates, the noise) keeps its own precision; set it for
+    one call with :func:`network_autocast` (``df.sample(..., precision="bf16")`` does).
     """
 
     def __init__(self, model: Callable, schedule: NoiseSchedule | None = None, prediction: str | None = None, *,
@@ -130,13 +135,17 @@ class Denoiser(DenoiserBase):
         shape = sample_shape if sample_shape is not None else carried.get("sample_shape")
         self.sample_shape = tuple(int(v) for v in shape) if shape is not None else None
         self.model_dtype = model_device_dtype(model, None, model_dtype)[1]
+        self.autocast_dtype: torch.dtype | None = None
         self.nfe = 0
 
     def network(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """The network's raw output (its prediction type) at x_t and timestep t, called in ``model_dtype``
-        and returned in x_t's dtype."""
+        (under ``torch.autocast`` in ``autocast_dtype`` when set) and returned in x_t's dtype."""
         self.nfe += 1
-        out = self.model(x_t.to(self.model_dtype), t, **_cond_to(cond, x_t.device))
+        amp = (contextlib.nullcontext() if self.autocast_dtype is None
+               else torch.autocast(x_t.device.type, dtype=self.autocast_dtype))
+        with amp:
+            out = self.model(x_t.to(self.model_dtype), t, **_cond_to(cond, x_t.device))
         return out.to(x_t.dtype)
 
     def predict_x0(self, x_t: torch.Tensor, sigma, **cond) -> torch.Tensor:
@@ -153,6 +162,21 @@ class Denoiser(DenoiserBase):
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule!r}, prediction={self.prediction!r}"
+
+
+@contextlib.contextmanager
+def network_autocast(denoiser: DenoiserBase, dtype: torch.dtype | None):
+    """For the duration of the block, every :class:`Denoiser` inside ``denoiser`` (the wrapped ones, a guiding
+    model's too) calls its network under ``torch.autocast(dtype)`` (None: as it is); restored after."""
+    nets = [m for m in denoiser.modules() if isinstance(m, Denoiser)]
+    before = [m.autocast_dtype for m in nets]
+    try:
+        for m in nets:
+            m.autocast_dtype = dtype
+        yield denoiser
+    finally:
+        for m, old in zip(nets, before):
+            m.autocast_dtype = old
 
 
 def same_schedule(a: NoiseSchedule, b: NoiseSchedule) -> bool:

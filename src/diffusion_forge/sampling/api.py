@@ -8,13 +8,15 @@ from typing import Callable
 import torch
 
 from ..core.schedules import SIGMA_GRIDS, SPACINGS, NoiseSchedule
-from ..denoise.denoiser import ClipX0, DenoiserBase, DynamicThreshold, as_denoiser
+from ..denoise.denoiser import ClipX0, DenoiserBase, DynamicThreshold, as_denoiser, network_autocast
 from ..denoise.guidance import ClassifierFreeGuidance, check_class_labels, num_classes_of
 from ..device import model_device_dtype
 from .registry import SAMPLERS, resolve_sampler
 from .utils import Noise, per_sample_generators, start, work_dtype
 
-__all__ = ["sample", "check_cond", "apply_guidance"]
+__all__ = ["sample", "check_cond", "apply_guidance", "PRECISIONS", "sampling_autocast_dtype"]
+
+PRECISIONS = ("no", "bf16", "fp16", "auto")
 
 
 def _noop(*args):
@@ -29,6 +31,25 @@ def check_cond(cond) -> dict:
         raise ValueError(f"cond must be a dict of keyword arguments for the network (e.g. "
                          f"{{'class_labels': labels}}), got {type(cond).__name__}")
     return dict(cond)
+
+
+def sampling_autocast_dtype(precision: str, device) -> torch.dtype | None:
+    """The autocast dtype of the network's forward under ``precision``: "no" -> None (the network's own dtype),
+    "bf16" -> torch.bfloat16, "fp16" -> torch.float16 (CUDA only), "auto" -> bf16 where
+    ``training.precision.resolve_precision("auto", device)`` says bf16 (CUDA with bf16, a CPU with native bf16
+    instructions), else None (never fp16). Anything else is a ValueError."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of: no (float32), bf16, fp16 (CUDA only), "
+                         "auto (bf16 where the hardware has it, else float32)")
+    device = torch.device(device)
+    if precision == "auto":
+        from ..training.precision import resolve_precision
+
+        precision = "bf16" if resolve_precision("auto", device) == "bf16" else "no"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision='fp16' runs on CUDA only, and this is {device.type}: use precision='bf16' "
+                         "or 'no'")
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def apply_x0_wrappers(D: DenoiserBase, clip_x0: bool | float = False,
@@ -72,12 +93,13 @@ def _check_shape(shape) -> tuple[int, ...]:
 @torch.no_grad()
 def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None, shape=None,
            sampler: str | None = None, steps: int = 20, prediction: str | None = None, generator=None,
-           sigmas: str = "default", spacing: str = "trailing", callback: Callable | None = None,
+           sigmas: str | torch.Tensor | list = "default", spacing: str = "trailing", callback: Callable | None = None,
            cond: dict | None = None, clip_x0: bool | float = False,
            dynamic_threshold: float | tuple[float, float] | None = None, eta: float | None = None,
            s_noise: float | None = None, sampler_options: dict | None = None, device=None,
            dtype: torch.dtype | None = None, scheduler=None, guidance_scale: float | None = None,
-           guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
+           guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None,
+           precision: str = "no") -> torch.Tensor:
     """Draw ``shape[0]`` samples from ``model(x_t, t, **cond)`` trained on ``schedule``, or from a (wrapped)
     :class:`~diffusion_forge.Denoiser` passed in place of both (``sample(D, shape=...)``).
 
@@ -88,7 +110,9 @@ def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None
     sigmas, spacing: the grid, an option of every sampler: "default" (the model's own sigmas at timesteps
         spaced "leading", "trailing" or "linspace", as diffusers does), "karras" or "exponential" (between
         the schedule's sigma_min and sigma_max; spacing is then unused). The default spacing is "trailing",
-        which starts at the last training step (pure noise) for every step count (Lin et al. 2023).
+        which starts at the last training step (pure noise) for every step count (Lin et al. 2023). Or an
+        explicit grid: a 1-D tensor / list of ``steps + 1`` sigmas, largest first, ending with 0 (appended if
+        missing), e.g. from :func:`diffusion_forge.sampling.grids.optimize_sigmas`.
     generator: a CPU ``torch.Generator`` or a list with one per sample; the noise of sample i comes from its
         own generator, so a seed gives the same sample whatever else is in the batch.
     callback: called at every step with a dict of ``step``, ``x_t`` (the model's input), ``t`` (float
@@ -105,6 +129,10 @@ def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None
         :class:`~diffusion_forge.ClassifierFreeGuidance`; the x0 clamps apply on top of it.
     scheduler: a diffusers scheduler instead of ``sampler``: runs its own loop
         (:func:`diffusion_forge.interop.schedulers.sample_with_scheduler`, the same callback contract).
+    precision: "no" (default: the network in its own dtype), "bf16", "fp16" (CUDA only) or "auto" (bf16 where
+        the hardware has it, else "no"): only the network's forward runs under ``torch.autocast`` in that
+        dtype (:func:`~diffusion_forge.denoise.denoiser.network_autocast`); its output is cast back, so the
+        sigmas, the noise and the samplers' updates keep their float64 (float32 on MPS) arithmetic.
     Returns a tensor of ``shape`` in the denoiser's space, in ``dtype`` (default: the network's dtype).
     """
     if isinstance(model, DenoiserBase):
@@ -115,6 +143,7 @@ def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None
         device, dtype = model_device_dtype(model, device, dtype)
         D = as_denoiser(model, schedule, prediction, model_dtype=dtype)
     shape, cond = _check_shape(shape), check_cond(cond)
+    amp = sampling_autocast_dtype(precision, device)   # None: no autocast
     if scheduler is not None:
         if sampler is not None:
             raise ValueError("pass either sampler= or scheduler=, not both")
@@ -125,13 +154,14 @@ def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None
             raise ValueError("clip_x0 / dynamic_threshold apply to our samplers; a diffusers scheduler has its "
                              "own (clip_sample, thresholding in its config)")
         from ..interop.schedulers import sample_with_scheduler
-        return sample_with_scheduler(D, scheduler, shape, steps=steps, generator=generator, callback=callback,
-                                     device=device, dtype=dtype, cond=cond)
+        with network_autocast(D, amp):
+            return sample_with_scheduler(D, scheduler, shape, steps=steps, generator=generator, callback=callback,
+                                         device=device, dtype=dtype, cond=cond)
     D = apply_guidance(D, guidance_scale, guidance_rescale, guidance_interval, cond)
     D = apply_x0_wrappers(D, clip_x0, dynamic_threshold)
     name, steps, options = resolve_sampler(sampler, steps, {"eta": eta, "s_noise": s_noise, **(sampler_options or {})})
     spec = SAMPLERS[name]
-    if sigmas not in SIGMA_GRIDS:
+    if isinstance(sigmas, str) and sigmas not in SIGMA_GRIDS:  # a tensor / list: checked by sigma_grid
         raise ValueError(f"unknown sigmas {sigmas!r}; choose one of: {', '.join(SIGMA_GRIDS)}")
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
@@ -150,11 +180,12 @@ def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None
 
     cb = report if callback is not None else _noop
     up_fraction = min(1.0, options.get("eta", 1.0 if spec.stochastic else 0.0))  # new noise from SNR 0
-    x, grid = start(denoise, noise, grid, up_fraction, cb)
-    offset = steps + 1 - len(grid)
-    if offset and "euler_start" in options:  # the step from SNR 0 was that first-order first step
-        options["euler_start"] = False
-    if offset and "afs" in options:  # ... and it took the first step from pure noise, with its evaluation
-        options["afs"] = False
-    x = spec.fn(denoise, x, grid.tolist(), noise, cb, **options)
+    with network_autocast(D, amp):
+        x, grid = start(denoise, noise, grid, up_fraction, cb)
+        offset = steps + 1 - len(grid)
+        if offset and "euler_start" in options:  # the step from SNR 0 was that first-order first step
+            options["euler_start"] = False
+        if offset and "afs" in options:  # ... and it took the first step from pure noise, with its evaluation
+            options["afs"] = False
+        x = spec.fn(denoise, x, grid.tolist(), noise, cb, **options)
     return x.to(dtype)

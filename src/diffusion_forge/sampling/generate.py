@@ -11,7 +11,8 @@ import torch
 
 from ..denoise.denoiser import as_denoiser
 from ..device import model_device_dtype
-from .api import check_cond, sample
+from .api import check_cond, sample, sampling_autocast_dtype
+from .registry import resolve_sampler
 
 __all__ = ["generate", "slice_cond"]
 
@@ -34,7 +35,7 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
              progress: bool = False, callback: Callable | None = None, sigmas: str = "default",
              spacing: str = "trailing", sample_shape=None, guidance_scale: float | None = None,
              guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None,
-             decode: bool = True) -> torch.Tensor:
+             decode: bool = True, precision: str = "no") -> torch.Tensor:
     """``n`` samples from a (wrapped) Denoiser (a loaded run is one), as a float32 CPU tensor of shape
     (n, *sample_shape), in the denoiser's space; a latent model (``denoiser.vae`` set: a latent run, a pipeline)
     returns images instead, each batch decoded by ``models.vae.decode_latents`` (``decode=False``: the latents).
@@ -43,9 +44,14 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
     as :func:`diffusion_forge.sample` (None: the sampler for the NFE budget ``steps``). ``cond``: a dict of
     per-sample tensors of length n, sliced per batch. ``sample_shape`` defaults to ``denoiser.sample_shape``.
     ``callback`` gets each step's dict of every batch, with ``"batch": (lo, hi)`` added. ``progress``: a
-    tqdm bar over samples. ``guidance_scale``, ``guidance_rescale``, ``guidance_interval``: classifier-free
+    tqdm bar (stderr) over the sampler's steps of every batch, the samples done in its postfix.
+    ``guidance_scale``, ``guidance_rescale``, ``guidance_interval``: classifier-free
     guidance, as :func:`diffusion_forge.sample` (pred = pred_uncond + w (pred_cond - pred_uncond)); other
-    guidance: pass a wrapped denoiser. The denoiser runs in eval mode (its training flag is restored after)."""
+    guidance: pass a wrapped denoiser. ``precision``: "no" (default, the network's own dtype), "bf16", "fp16"
+    (CUDA only) or "auto" (bf16 where the hardware has it), as :func:`diffusion_forge.sample`: only the network's
+    forward runs under autocast, the samplers' arithmetic and the per-sample noise are unchanged, so a seed
+    still gives the same sample whatever the batch. The denoiser runs in eval mode (its training flag is
+    restored after)."""
     D = as_denoiser(denoiser)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -57,26 +63,40 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
     shape = tuple(int(v) for v in shape)
     cond = check_cond(cond)
     device = model_device_dtype(D, device)[0]
+    sampling_autocast_dtype(precision, device)                     # a bad precision fails before any work
     vae = getattr(denoiser, "vae", None) if decode else None   # the outermost denoiser's (wrappers forward it)
     if vae is not None:
         from ..models.vae import decode_latents
     from tqdm.auto import tqdm
 
+    per_batch = resolve_sampler(sampler, steps, dict(sampler_options or {}))[1]   # the bar's steps per batch
+    starts = range(0, n, batch_size)
     was_training = D.training
     D.eval()
     out = []
     try:
-        with tqdm(total=n, unit="sample", desc="sampling", disable=not progress, leave=False) as bar:
-            for lo in range(0, n, batch_size):
-                hi = min(n, lo + batch_size)
+        with tqdm(total=len(starts) * per_batch, unit="step", desc="sampling", disable=not progress,
+                  leave=False) as bar:
+            for k, lo in enumerate(starts):
+                hi, end = min(n, lo + batch_size), (k + 1) * per_batch
                 gens = [torch.Generator().manual_seed(seed + i) for i in range(lo, hi)]
-                cb = None if callback is None else (lambda info, lo=lo, hi=hi: callback({**info, "batch": (lo, hi)}))
+
+                def cb(info, lo=lo, hi=hi, end=end):
+                    if progress and bar.n < end:
+                        bar.update(1)
+                    if callback is not None:
+                        callback({**info, "batch": (lo, hi)})
+
                 x = sample(D, shape=(hi - lo, *shape), sampler=sampler, steps=steps, generator=gens,
-                           sigmas=sigmas, spacing=spacing, callback=cb, cond=slice_cond(cond, lo, hi, n),
+                           sigmas=sigmas, spacing=spacing, cond=slice_cond(cond, lo, hi, n),
+                           callback=cb if progress or callback is not None else None,
                            sampler_options=sampler_options, device=device, guidance_scale=guidance_scale,
-                           guidance_rescale=guidance_rescale, guidance_interval=guidance_interval)
+                           guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
+                           precision=precision)
                 out.append(x.float().cpu() if vae is None else decode_latents(vae, x))
-                bar.update(hi - lo)
+                if progress:
+                    bar.update(max(0, end - bar.n))
+                    bar.set_postfix(samples=f"{hi}/{n}")
     finally:
         D.train(was_training)
     return torch.cat(out)

@@ -1,0 +1,436 @@
+"""Every sampler on TRAINED networks (issue 13): which sampler, options and grid to default to per NFE budget.
+
+    python benchmarks/samplers_trained.py --run outputs/st/mnist-10min --run outputs/st/mnist-30min --dry-run
+    python benchmarks/samplers_trained.py --run outputs/st/mnist-10min --run outputs/st/mnist-30min \\
+        --out outputs/bench-samplers-trained
+    python benchmarks/samplers_trained.py --run outputs/st/emoji --out outputs/bench-samplers-trained   # after those
+
+Runs are trained beforehand by ``dforge train``. MNIST runs (1x28x28): every sampler on its default grid (the
+model's sigmas, trailing spacing) at each NFE budget, at the largest step count whose NFE fits
+(``SamplerSpec.steps_for``; the NFE is then counted on the network), stochastic ones at their defaults plus
+euler_ancestral at the trainer's eta (1.8; 1.4 with guidance) and iPNDM with afs + free_last_step; the ``--top``
+best at 10 NFE again on the Karras and exponential grids. Colour runs (3 channels, e.g. emoji at 32 px): the
+``--top`` best of the MNIST runs in --out's results.json or --ranking's (else the full sweep). Every run also
+gets the registry's current default per budget and two references at ``--reference-steps`` NFE:
+euler_ancestral (eta 1) and the best stochastic setting. Same per-sample seeds (sample i: seed i) in every row.
+FD = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) between Gaussians fitted to features: FD-Digits
+against the MNIST test set, FD-EffNet against the whole colour data set; precision / recall: k = 3
+nearest-neighbour manifolds against n real images. Targets: FD at 10 NFE <= 1.2 x, at 20 NFE <= 1.1 x, the best
+FD of any row. Details: docs/samplers.md, "On trained networks".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import diffusion_forge as df
+from diffusion_forge import evaluate
+from diffusion_forge.data import load_mnist, to_uint8
+from diffusion_forge.sampling.generate import generate
+from diffusion_forge.sampling.registry import SAMPLERS, resolve_sampler
+from diffusion_forge.training.config import GUIDED_SAMPLER_OPTIONS, SampleConfig
+
+GRIDS = ("default", "karras", "exponential")
+TARGETS = {10: 1.2, 20: 1.1}          # budget -> allowed FD / best FD at up to the reference NFE
+MS_PER_IMAGE_NFE = 1.8                # the lead's machine, a 28x28 image (issue 13)
+BATCH = 250
+
+
+# Rows: a variant is {"sampler", "options" (those that differ from its defaults)}; a row adds grid and budget
+
+def variant(name: str, options: dict | None = None) -> dict:
+    spec = SAMPLERS[name]
+    merged = {**spec.options, **(options or {})}
+    return {"sampler": name, "options": {k: v for k, v in merged.items() if v != spec.options[k]}}
+
+
+def key(v: dict, grid: str) -> str:
+    return f"{v['sampler']}|{json.dumps(v['options'], sort_keys=True)}|{grid}"
+
+
+def opts_text(v: dict) -> str:
+    return ",".join(f"{k}={x}" for k, x in sorted(v["options"].items()))
+
+
+def label(v: dict, grid: str | None = None) -> str:
+    return v["sampler"] + (f":{opts_text(v)}" if v["options"] else "") + (f" @{grid}" if grid else "")
+
+
+def parse_variant(text: str) -> dict:
+    """"euler_ancestral:eta=1.8" -> a variant; option values take the kind of the sampler's default."""
+    name, _, opts = text.partition(":")
+    if name not in SAMPLERS:
+        raise SystemExit(f"--samplers: unknown sampler {name!r}; choose from: {', '.join(SAMPLERS)}")
+    spec, options = SAMPLERS[name], {}
+    for item in filter(None, opts.split(",")):
+        k, eq, value = item.partition("=")
+        if not eq or k not in spec.options:
+            raise SystemExit(f"--samplers {text}: write NAME:KEY=VALUE,...; {name} takes: "
+                             f"{', '.join(spec.options) or 'no options'}")
+        default = spec.options[k]
+        try:
+            options[k] = value.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(value)
+        except ValueError:
+            raise SystemExit(f"--samplers {text}: {k} must be a {type(default).__name__}") from None
+    return variant(name, options)
+
+
+def sweep_variants(selected: list[str] | None) -> list[dict]:
+    """Every sampler at its defaults, plus the extra settings; ``selected`` names (all settings of a sampler)
+    or NAME:OPTIONS (that one setting) restrict it."""
+    sc = SampleConfig()
+    extra = [(sc.sampler, sc.options), ("euler_ancestral", GUIDED_SAMPLER_OPTIONS), ("dpmpp_2m_sde", {"eta": 1.0}),
+             ("ipndm", {"afs": True, "free_last_step": True})]
+    pool = [variant(n) for n in SAMPLERS] + [variant(n, o) for n, o in extra]
+    if selected:
+        names = {parse_variant(s)["sampler"] for s in selected if ":" not in s}   # checks the names
+        pool = [v for v in pool if v["sampler"] in names] + [parse_variant(s) for s in selected if ":" in s]
+    unique = {}
+    for v in pool:
+        unique.setdefault(key(v, ""), v)
+    return list(unique.values())
+
+
+def current_default(budget: int) -> dict:
+    """What ``df.sample(steps=budget)`` runs today (registry.resolve_sampler with no sampler), default grid."""
+    name, _, options = resolve_sampler(None, budget)
+    return variant(name, options)
+
+
+# Scores
+
+class Scorer:
+    """FD of sample features against ``self.ref`` (mean, covariance), precision / recall against ``self.real``."""
+
+    def features(self, images: np.ndarray) -> torch.Tensor:
+        return self.net.features(images)
+
+    def score(self, images: np.ndarray) -> dict:
+        f = self.features(images)
+        precision, recall = evaluate.precision_recall(self.real, f)
+        return {"fd": evaluate.frechet_distance(*evaluate.feature_stats(f), *self.ref), "precision": precision,
+                "recall": recall, **self.extra(images)}
+
+    def extra(self, images) -> dict:
+        return {}
+
+
+class DigitScorer(Scorer):
+    """FD-Digits vs the MNIST test set; precision / recall vs n test images; the digit class share.
+    Floor: n training images."""
+    label = "FD-Digits"
+
+    def __init__(self, n: int, seed: int = 0):
+        self.clf = evaluate.digit_classifier()
+        self.net = self.clf
+        feats = self.clf.features(load_mnist("test")[0])
+        self.ref = evaluate.feature_stats(feats)
+        rng = np.random.default_rng(seed)
+        self.real = feats[torch.as_tensor(rng.permutation(len(feats))[:n])]
+        train = load_mnist("train")[0]
+        self.floor_images = train[np.sort(rng.choice(len(train), n, replace=False))]
+
+    def extra(self, images) -> dict:
+        share = np.bincount(self.clf.predict_proba(images).argmax(1).numpy(), minlength=10) / len(images)
+        return {"class_min": float(share.min()), "class_max": float(share.max())}
+
+    def floor(self) -> dict:
+        return {**self.score(self.floor_images), "what": f"{len(self.floor_images)} MNIST training images"}
+
+
+class ColourScorer(Scorer):
+    """FD-EffNet vs the whole data set; precision / recall vs n of its images; floor: its two disjoint halves."""
+    label = "FD-EffNet"
+
+    def __init__(self, data: str, image_size, channels, n: int, seed: int = 0):
+        self.net, self.data = evaluate.feature_network("effnet"), data
+        feats = evaluate.reference_features(self.net, data, None, image_size=image_size, channels=channels)
+        self.ref = evaluate.feature_stats(feats)
+        perm = torch.as_tensor(np.random.default_rng(seed).permutation(len(feats)))
+        self.real, half = feats[perm[:n]], len(feats) // 2
+        self.halves = feats[perm[:half]], feats[perm[half:2 * half]]
+
+    def floor(self) -> dict:
+        a, b = self.halves
+        precision, recall = evaluate.precision_recall(a, b)
+        return {"fd": evaluate.frechet_distance_features(a, b), "precision": precision, "recall": recall,
+                "what": f"two disjoint halves of {self.data} ({len(a)} images each)"}
+
+
+# Runs
+
+def run_info(path: str, device: str, dry: bool) -> dict:
+    """The run's denoiser and kind (mnist / colour); a dry run of a folder not trained yet guesses from its name."""
+    p = Path(path)
+    if not (p / "config.json").exists():
+        if not dry:
+            raise SystemExit(f"{p} is not a run folder (no config.json): train it first with dforge train --out {p}")
+        colour = "emoji" in p.name.lower()
+        print(f"note: {p} is not trained yet; planning it as {'emoji 3x32x32' if colour else 'MNIST 1x28x28'}")
+        return {"path": str(p), "kind": "colour" if colour else "mnist", "data": "emoji" if colour else "mnist",
+                "shape": (3, 32, 32) if colour else (1, 28, 28), "D": None, "step": None}
+    D = df.load_model_from_run(p, device=device)
+    cfg, shape = D.config, tuple(D.sample_shape)
+    data = cfg["data"]["source"]
+    if getattr(D, "vae", None) is not None or cfg["conditioning"]["kind"] != "none":
+        raise SystemExit(f"{p}: this benchmark scores unconditional pixel-space runs (this one is latent or conditional)")
+    if str(data).lower() == "mnist" and shape == (1, 28, 28):
+        kind = "mnist"
+    elif shape[0] == 3:
+        kind = "colour"
+    else:
+        raise SystemExit(f"{p}: data {data!r} of shape {shape}: scored are MNIST (1x28x28) and colour (3-channel) runs")
+    return {"path": str(p), "kind": kind, "data": data, "shape": shape, "D": D, "step": D.step,
+            "image_size": cfg["data"].get("image_size"), "channels": cfg["data"].get("channels")}
+
+
+def rank(records: list[dict], budget: int, grids=GRIDS) -> list[tuple[dict, str, float]]:
+    """(variant, grid, mean FD / best FD at ``budget``) of the rows measured in every record, best first."""
+    ratios: dict[str, list] = {}
+    used = [r for r in records if any(row["budget"] == budget for row in r["rows"])]
+    for rec in used:
+        rows = [row for row in rec["rows"] if row["budget"] == budget and row["grid"] in grids]
+        best = max(min(row["fd"] for row in rows), 1e-12) if rows else 1.0
+        for row in rows:
+            ratios.setdefault(key(row, row["grid"]), []).append((row["fd"] / best, row))
+    out = [(variant(v[0][1]["sampler"], v[0][1]["options"]), v[0][1]["grid"], float(np.mean([r for r, _ in v])))
+           for v in ratios.values() if len(v) == len(used)]
+    return sorted(out, key=lambda t: t[2])
+
+
+class Bench:
+    """Measures rows on one run, skipping those already in its record, and saves after each."""
+
+    def __init__(self, info: dict, rec: dict, n: int, save):
+        self.info, self.rec, self.n, self.save = info, rec, n, save
+        self.scorer = (DigitScorer(n) if info["kind"] == "mnist" else
+                       ColourScorer(info["data"], info["image_size"], info["channels"], n))
+        if "floor" not in rec:
+            rec["floor"] = self.scorer.floor()
+            save()
+
+    def measure(self, v: dict, grid: str, budget: int, where: str = "rows") -> dict | None:
+        spec = SAMPLERS[v["sampler"]]
+        steps = spec.steps_for(budget, **v["options"])
+        if steps == 0:
+            return None
+        for row in self.rec[where]:
+            if key(row, row["grid"]) == key(v, grid) and row["budget"] == budget:
+                return row
+        D, t0 = self.info["D"], time.perf_counter()
+        D.nfe = 0
+        x = generate(D, self.n, seed=0, sampler=v["sampler"], steps=steps, sampler_options=v["options"],
+                     sigmas=grid, batch_size=BATCH, progress=True)
+        nfe = D.nfe / math.ceil(self.n / BATCH)                  # network calls per sample, counted
+        bad = float((~torch.isfinite(x).flatten(1).all(1)).float().mean())
+        row = {**v, "grid": grid, "budget": budget, "steps": steps, "nfe": nfe, "nonfinite": bad,
+               **self.scorer.score(to_uint8(torch.nan_to_num(x))), "seconds": time.perf_counter() - t0}
+        self.rec[where].append(row)
+        print(f"  {label(v, grid):<48} {budget:>3} NFE ({steps:>3} steps, {nfe:g} counted)  {fmt_row(row)}"
+              f"  ({row['seconds']:.0f} s)" + (f"  {bad:.0%} NON-FINITE" if bad else ""), flush=True)
+        self.save()
+        return row
+
+
+def bench_run(bench: Bench, args, variants: list[dict], ranking) -> None:
+    """The sweep (or the given ranking's top), the current defaults, then the references."""
+    rec, budgets, top = bench.rec, args.budgets, args.top
+    if ranking is None:
+        for v in variants:
+            for b in budgets:
+                bench.measure(v, "default", b)
+        for v, _, _ in rank([rec], rank_budget(budgets), grids=("default",))[:top]:
+            for grid in ("karras", "exponential"):
+                for b in budgets:
+                    bench.measure(v, grid, b)
+    else:
+        for v, grid, _ in ranking[:top]:
+            for b in budgets:
+                bench.measure(v, grid, b)
+    for b in budgets:
+        bench.measure(current_default(b), "default", b)
+    stochastic = [r for r in rec["rows"] if SAMPLERS[r["sampler"]].stochastic and r["budget"] == max(budgets)]
+    refs = [(variant("euler_ancestral"), "default")]
+    if stochastic:
+        best = min(stochastic, key=lambda r: r["fd"])
+        refs.append((variant(best["sampler"], best["options"]), best["grid"]))
+    for v, grid in refs:
+        bench.measure(v, grid, args.reference_steps, where="reference")
+
+
+def rank_budget(budgets) -> int:
+    return 10 if 10 in budgets else max(budgets)
+
+
+# Report
+
+def fmt_row(r: dict) -> str:
+    share = f", {r['class_min']:.0%}-{r['class_max']:.0%}" if "class_min" in r else ""
+    return f"FD {r['fd']:.3f} (P {r['precision']:.2f} / R {r['recall']:.2f}{share})"
+
+
+def checks(rec: dict, budgets, ref_nfe: int) -> dict:
+    """The issue's targets, for the current default and for the best row of each budget."""
+    rows = rec["rows"] + rec["reference"]
+    best_any = min(r["fd"] for r in rows)
+    out = {}
+    for b, factor in TARGETS.items():
+        at_b = [r for r in rec["rows"] if r["budget"] == b]
+        if not at_b:
+            continue
+        dk = key(current_default(b), "default")
+        for who, row in (("default", next((r for r in at_b if key(r, r["grid"]) == dk), None)),
+                         ("best", min(at_b, key=lambda r: r["fd"]))):
+            if row is not None:
+                out[f"{who} {label(row, row['grid'])} at {b} NFE: FD <= {factor} x best at <= {ref_nfe} NFE"] = {
+                    "pass": row["fd"] <= factor * best_any, "fd": row["fd"], "best": best_any,
+                    "ratio": row["fd"] / best_any}
+    return out
+
+
+def markdown(path: str, rec: dict, budgets, ref_nfe: int) -> str:
+    info, floor = rec["info"], rec["floor"]
+    head = (f"### {path}: {info['kind']} {'x'.join(map(str, info['shape']))}, step {info['step']}, "
+            f"{rec['metric']}@{evaluate.count_label(rec['n'])}\n\nEach cell: FD (precision / recall"
+            f"{', smallest-largest digit share' if info['kind'] == 'mnist' else ''}); rows by FD at "
+            f"{rank_budget(budgets)} NFE.\n\n| sampler | options | grid | " + " | ".join(f"{b} NFE" for b in budgets)
+            + " |\n|---|---|---|" + "---|" * len(budgets))
+    cells: dict[str, dict] = {}
+    for r in rec["rows"]:
+        c = cells.setdefault(key(r, r["grid"]), {"row": r, "order": math.inf})
+        c[r["budget"]] = fmt_row(r).removeprefix("FD ")
+        c["order"] = r["fd"] if r["budget"] == rank_budget(budgets) else c["order"]
+    lines = [head]
+    for c in sorted(cells.values(), key=lambda c: c["order"]):
+        r = c["row"]
+        lines.append(f"| {r['sampler']} | {opts_text(r) or '-'} | {r['grid']} | "
+                     + " | ".join(c.get(b, "-") for b in budgets) + " |")
+    lines += ["", "| reference | NFE | FD | precision | recall | seconds |", "|---|---|---|---|---|---|"]
+    lines += [f"| {label(r, r['grid'])} | {r['nfe']:g} | {r['fd']:.3f} | {r['precision']:.2f} | {r['recall']:.2f} | "
+              f"{r['seconds']:.0f} |" for r in rec["reference"]]
+    lines += [(f"| floor: {floor['what']} | - | {floor['fd']:.3f} | {floor['precision']:.2f} | "
+               f"{floor['recall']:.2f} | - |"), ""]
+    lines += [f"- {'PASS' if c['pass'] else 'FAIL'} {name} ({c['fd']:.3f} / {c['best']:.3f} = {c['ratio']:.2f} x)"
+              for name, c in checks(rec, budgets, ref_nfe).items()]
+    return "\n".join(lines) + "\n"
+
+
+def paste_defaults(records: list[dict], budgets) -> str:
+    """Per budget, the row with the lowest mean FD / best FD over the runs that measured it in every run."""
+    best = {}
+    for b in budgets:
+        ranked = rank(records, b)
+        if ranked:
+            v, grid, ratio = ranked[0]
+            best[b] = {"sampler": v["sampler"], "options": v["options"], "sigmas": grid, "fd_over_best": round(ratio, 3)}
+    return "DEFAULT_SAMPLERS = {\n" + "".join(f"    {b}: {d!r},\n" for b, d in best.items()) + "}"
+
+
+def save_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def report(out: Path, paths: list[str], results: dict, mnist: list[dict], args) -> None:
+    """table.md and the printout: the tables, each run's best per budget, the pooled best to paste."""
+    table = "".join(markdown(p, results["runs"][p], args.budgets, args.reference_steps) + "\n" for p in paths)
+    (out / "table.md").write_text(table)
+    print("\n" + table)
+    for p in paths:
+        for b in args.budgets:
+            r = min((r for r in results["runs"][p]["rows"] if r["budget"] == b), key=lambda r: r["fd"], default=None)
+            if r:
+                print(f"best at {b} NFE on {p}: {label(r, r['grid'])} ({r['steps']} steps) {fmt_row(r)}")
+    records = list({**{id(r): r for r in mnist}, **{id(results["runs"][p]): results["runs"][p] for p in paths}}.values())
+    print(f"\nper budget, the best over {len(records)} run(s) (mean over runs of FD / that run's best FD):\n"
+          f"{paste_defaults(records, args.budgets)}")
+
+
+# Plan and main
+
+def plan(info: dict, args, variants: list[dict], ranked: bool) -> float:
+    """Print the planned rows (NFE, samples) and return the estimated sampling seconds."""
+    lines, nfe_total = [], 0
+    if not ranked:
+        for v in variants:
+            nfes = [SAMPLERS[v["sampler"]].nfe(s, **v["options"]) if s else 0
+                    for s in (SAMPLERS[v["sampler"]].steps_for(b, **v["options"]) for b in args.budgets)]
+            lines.append(f"    {label(v, 'default'):<48} NFE {'/'.join(map(str, nfes))}")
+            nfe_total += sum(nfes)
+        extra = args.top * 2 * sum(args.budgets)
+        lines.append(f"    top {args.top} at {rank_budget(args.budgets)} NFE @karras and @exponential: <= {extra} NFE")
+    else:
+        extra = (args.top + 1) * sum(args.budgets)
+        lines.append(f"    top {args.top} (sampler, grid) of the MNIST ranking + the current default: <= {extra} NFE")
+    nfe_total += extra + 2 * args.reference_steps
+    lines.append(f"    references: euler_ancestral and the best stochastic setting at {args.reference_steps} NFE")
+    seconds = MS_PER_IMAGE_NFE / 1000 * info["shape"][1] * info["shape"][2] / 784 * args.n * nfe_total
+    print(f"{info['path']} ({info['kind']} {'x'.join(map(str, info['shape']))}): {args.n} samples per row, "
+          f"<= {nfe_total} NFE per sample in all, ~{seconds / 60:.0f} min of sampling", *lines, sep="\n")
+    return seconds
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", action="append", required=True, help="a dforge train run folder (repeatable)")
+    p.add_argument("--samplers", nargs="+", help="restrict the sweep: names, or NAME:KEY=VALUE,... settings")
+    p.add_argument("--budgets", nargs="+", type=int, default=[5, 10, 20], help="NFE budgets")
+    p.add_argument("--n", type=int, default=1000, help="samples per row (and real images for precision / recall)")
+    p.add_argument("--reference-steps", type=int, default=250, help="NFE of the long reference rows")
+    p.add_argument("--top", type=int, default=5, help="best rows at 10 NFE that also run on karras / exponential")
+    p.add_argument("--ranking", nargs="+", default=[], help="results.json files whose MNIST runs rank the colour rows")
+    p.add_argument("--out", default="outputs/bench-samplers-trained", help="folder for results.json and table.md")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time; sample nothing")
+    args = p.parse_args(argv)
+    if args.n < 4 or min(args.budgets) < 1 or args.top < 0 or args.reference_steps < 1:
+        raise SystemExit("--n must be >= 4 (precision / recall), budgets and --reference-steps >= 1, --top >= 0")
+    args.budgets = sorted(set(args.budgets))
+    variants = sweep_variants(args.samplers)
+    infos = sorted((run_info(r, args.device, args.dry_run) for r in args.run), key=lambda i: i["kind"] != "mnist")
+    out, settings = Path(args.out), {"n": args.n, "reference_steps": args.reference_steps, "seed": 0, "batch": BATCH}
+    old = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    results = old if old.get("settings") == settings else {"settings": settings, "runs": {}}
+    pool = {}                                          # the MNIST records that rank a colour run's rows
+    for f in args.ranking:
+        if not Path(f).is_file():
+            raise SystemExit(f"--ranking {f}: no such results.json")
+        pool.update(json.loads(Path(f).read_text())["runs"])
+    mnist = lambda: [r for r in {**pool, **results["runs"]}.values() if r["info"]["kind"] == "mnist"]
+    if args.dry_run:
+        has_mnist = bool(mnist()) or infos[0]["kind"] == "mnist"
+        total = sum(plan(i, args, variants, i["kind"] == "colour" and has_mnist) for i in infos)
+        print(f"estimated sampling time: {total / 60:.0f} min at {MS_PER_IMAGE_NFE} ms per 28x28 image per NFE "
+              f"(scaled by pixels; feature extraction comes on top)")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    save = lambda: save_json(out / "results.json", results)
+    start = time.perf_counter()
+    for info in infos:
+        print(f"\n{info['path']}: {info['kind']} {info['shape']}, step {info['step']}", flush=True)
+        rec = results["runs"].setdefault(info["path"], {"rows": [], "reference": []})
+        rec.update(info={k: info[k] for k in ("kind", "data", "shape", "step")}, n=args.n)
+        bench = Bench(info, rec, args.n, save)
+        rec["metric"] = bench.scorer.label
+        ranking = rank(mnist(), rank_budget(args.budgets)) if info["kind"] == "colour" and mnist() else None
+        bench_run(bench, args, variants, ranking)
+        rec["checks"] = checks(rec, args.budgets, args.reference_steps)
+        save()
+    report(out, [i["path"] for i in infos], results, mnist(), args)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s; results: {out / 'results.json'}, table: {out / 'table.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
