@@ -15,7 +15,9 @@ schedulers on a trained, exported network.
     within 1.1x of diffusers' time.
 (2) With ``--run RUN`` (a latent text run, exported with ``dforge export`` and loaded back as a
     StableDiffusionPipeline) or ``--pipeline DIR``: our deterministic samplers against diffusers' schedulers at
-    10, 20 and 50 network evaluations (NFE; Heun-type methods get the step count that fits), measured as the
+    10, 20 and 50 network evaluations (NFE; Heun-type methods get the step count that fits), plus iPNDM and
+    DPM-Solver++(2M) on grids optimised from the guided network's own outputs (sampling.grids.optimize_sigmas,
+    from other noise draws than the benchmark's seeds, no data), measured as the
     RMS distance, in [-1, 1] pixels, to a 500-step ancestral reference (our euler_ancestral, the same seeds),
     and, as a second column, to a 500-step DPM-Solver++(2M) ODE reference (deterministic samplers converge to
     the latter). Target: at 10 NFE our best sampler closer to the reference than diffusers' best scheduler.
@@ -35,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 OURS = {"dpmpp_2m": 1, "unipc": 1, "ipndm": 1, "deis": 1, "euler": 1, "heun": 2}          # NFE per step
+OPTIMISED = ("ipndm", "dpmpp_2m")                                                        # + sigmas=optimize_sigmas(...)
 THEIRS = {"DPMSolverMultistepScheduler": 1, "UniPCMultistepScheduler": 1, "DEISMultistepScheduler": 1,
           "EulerDiscreteScheduler": 1, "DDIMScheduler": 1, "HeunDiscreteScheduler": 2}
 
@@ -87,6 +90,17 @@ def part1(args) -> dict:
     return {"ratio": ratio, "diff": diff}
 
 
+def optimised_grid(D, sampler: str, nfe: int, kw: dict, args):
+    """sampling.grids.optimize_sigmas on the guided denoiser the samplers see (same prompt and scale), from
+    ``--grid-n`` noise draws of seed 10_000 (not the benchmark's seeds 0..n-1)."""
+    from diffusion_forge.interop.pipeline_sampling import _guided, pipeline_cond
+    from diffusion_forge.sampling.grids import optimize_sigmas
+
+    cond, null = pipeline_cond(D, args.grid_n, kw["prompt"], None, None)
+    return optimize_sigmas(_guided(D, kw["guidance_scale"], null), sampler, nfe, shape=D.sample_shape,
+                           n=args.grid_n, seed=10_000, cond=cond)
+
+
 def part2(args) -> dict:
     from diffusion_forge.interop.pipeline_sampling import sample_ours, sample_scheduler, scheduler_from_name
     from diffusion_forge.interop.pipelines import load_pipeline
@@ -115,6 +129,10 @@ def part2(args) -> dict:
             steps = max(1, (nfe + 1) // 2) if per == 2 else nfe       # heun: 2n - 1 evaluations
             x = sample_ours(D, n, sampler=name, steps=steps, **kw)
             rows.append(("ours", name, rms(x, refs["ancestral"]), rms(x, refs["ode"])))
+        for name in OPTIMISED:                                         # a grid from the model's own outputs
+            grid = optimised_grid(D, name, nfe, kw, args)
+            x = sample_ours(D, n, sampler=name, steps=len(grid) - 1, sigmas=grid, **kw)
+            rows.append(("ours", f"{name} (optimised grid)", rms(x, refs["ancestral"]), rms(x, refs["ode"])))
         for name, per in THEIRS.items():
             steps = max(1, (nfe + 1) // 2) if per == 2 else nfe
             try:
@@ -148,6 +166,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt", default="a photo")
     p.add_argument("--guidance", type=float, default=3.0, help="CFG scale of part 2")
+    p.add_argument("--grid-n", type=int, default=64, help="noise draws for the optimised grids of part 2")
     args = p.parse_args()
     if args.quick:
         args.steps, args.n, args.repeats = 4, 2, 2

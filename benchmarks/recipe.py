@@ -59,17 +59,23 @@ class CourseModel(torch.nn.Module):
         return self.unet(x, t).sample
 
 
-def train_course(seconds: float, seed: int) -> tuple[Denoiser, dict]:
+def train_course(seconds: float, seed: int, snapshot_minutes=()) -> tuple[Denoiser, dict]:
+    """The course loop for ``seconds`` of wall clock. ``snapshot_minutes``: also copy the network when each of
+    these many minutes has passed, into ``info["snapshots"]`` as (denoiser, info) pairs (constant lr, no EMA:
+    a copy at minute m is the run a budget of m minutes gives)."""
+    import copy
+
     from diffusers import DDPMScheduler, UNet2DModel
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     net = UNet2DModel(**COURSE_UNET)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    schedule = df.NoiseSchedule.from_diffusers(scheduler.config)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     data = load_dataset("mnist")
     g = torch.Generator().manual_seed(seed)
-    steps, start = 0, time.perf_counter()
+    steps, start, todo, snapshots = 0, time.perf_counter(), sorted(snapshot_minutes), []
     bar = tqdm(desc="course recipe", unit="step")
     while time.perf_counter() - start < seconds:
         x, _ = data.get_batch(torch.randint(0, len(data), (128,), generator=g))
@@ -83,10 +89,14 @@ def train_course(seconds: float, seed: int) -> tuple[Denoiser, dict]:
         steps += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        wall = time.perf_counter() - start
+        while todo and wall >= 60 * todo[0]:
+            D = Denoiser(CourseModel(copy.deepcopy(net)).eval(), schedule, "epsilon", sample_shape=(1, 28, 28))
+            snapshots.append((D, {"steps": steps, "wall_s": wall, "minutes": todo.pop(0)}))
     bar.close()
-    trained = Denoiser(CourseModel(net).eval(), df.NoiseSchedule.from_diffusers(scheduler.config), "epsilon",
-                       sample_shape=(1, 28, 28))
-    return trained, {"steps": steps, "batch": 128, "train_s": time.perf_counter() - start, "precision": "no"}
+    trained = Denoiser(CourseModel(net).eval(), schedule, "epsilon", sample_shape=(1, 28, 28))
+    return trained, {"steps": steps, "batch": 128, "train_s": time.perf_counter() - start, "precision": "no",
+                     "snapshots": snapshots}
 
 
 def parse_sampler(spec: str) -> tuple[str, dict]:
@@ -152,6 +162,7 @@ def main(argv=None) -> int:
             continue
         print(f"training {name} for up to {args.minutes:g} minutes", flush=True)
         trained, info = trainer()
+        info.pop("snapshots", None)
         info["images_per_s"] = info["steps"] * info["batch"] / info["train_s"]
         print(f"scoring {name} ({info['steps']} steps)", flush=True)
         best = score(trained, samplers, args.n, ref_stats, clf)

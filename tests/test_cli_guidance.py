@@ -52,7 +52,8 @@ def _sample(run, out, *flags) -> dict:
 
 
 def _plain(run, n, labels=None):
-    """What the run gives without any guidance wrapper: generate() over the loaded run, the run's sampler."""
+    """What the run gives without any guidance wrapper: generate() over the loaded run, the run's sampler, at
+    `dforge sample`'s default precision (auto: bf16 autocast where the CPU has it)."""
     from diffusion_forge.data import to_uint8
     from diffusion_forge.io.checkpoint import load_model_from_run
     from diffusion_forge.sampling.generate import generate
@@ -60,7 +61,7 @@ def _plain(run, n, labels=None):
     trained = load_model_from_run(run)
     cond = None if labels is None else {"class_labels": torch.as_tensor(labels)}
     x = generate(trained, n, seed=0, sampler=trained.config["sample"]["sampler"], steps=2,
-                 sampler_options=trained.config["sample"]["options"], cond=cond)
+                 sampler_options=trained.config["sample"]["options"], cond=cond, precision="auto")  # the CLI's default
     return to_uint8(x)
 
 

@@ -13,7 +13,9 @@ from hypothesis import given, settings, strategies as st
 
 import diffusion_forge as df
 from diffusion_forge.sampling.generate import generate
-from diffusion_forge.sampling.registry import DEFAULT_SAMPLERS, SAMPLERS, default_sampler, resolve_sampler, steps_for_budget
+from diffusion_forge.sampling import registry
+from diffusion_forge.sampling.registry import (DEFAULT_SAMPLERS, ODE_SAMPLERS, SAMPLERS, default_sampler, ode_sampler,
+                                              resolve_sampler, steps_for_budget)
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers vs numpy 2
@@ -265,11 +267,22 @@ def test_clipping_and_dynamic_threshold_bound_x0():
 
 def test_default_sampler_fits_the_budget_and_reads_the_table():
     for budget in (1, 3, 5, 7, 10, 19, 20, 49, 50, 200):
-        name = default_sampler(budget)
-        assert name == DEFAULT_SAMPLERS[max(k for k in DEFAULT_SAMPLERS if k <= budget)]
+        name, options = default_sampler(budget)
+        assert (name, options) == DEFAULT_SAMPLERS[max(k for k in DEFAULT_SAMPLERS if k <= budget)]
+        assert ode_sampler(budget) == ODE_SAMPLERS[max(k for k in ODE_SAMPLERS if k <= budget)]
+        assert resolve_sampler(None, budget)[0] == name
+        assert resolve_sampler(None, budget)[2] == {**SAMPLERS[name].options, **options}
         model = PointMass(SMALL)
         df.sample(model, SMALL, (1, 2), steps=budget if budget <= 100 else 100, generator=gen(0))
         assert 1 <= model.calls <= budget
+
+
+def test_options_given_with_no_sampler_override_the_defaults_options():
+    name, options = default_sampler(20)
+    key, default = next((k, v) for k, v in SAMPLERS[name].options.items() if isinstance(v, float))
+    value = options.get(key, default) / 2
+    assert resolve_sampler(None, 20, {key: value})[2][key] == value
+    assert default_sampler(20) == (name, options)   # the table itself is not changed by a call
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -306,7 +319,7 @@ def _benchmark():
     return module
 
 
-def test_default_sampler_is_the_benchmarks_winner():
+def test_ode_sampler_is_the_benchmarks_winner():
     """The benchmark's measurement of our samplers on the default grid, at its own sample size and seeds for
     the deterministic samplers (so the numbers are the benchmark's); the stochastic ones, which never win
     there, are checked at a smaller size to stay behind the winner."""
@@ -314,7 +327,7 @@ def test_default_sampler_is_the_benchmarks_winner():
     deterministic = [bench.ours(n) for n, s in SAMPLERS.items() if not s.stochastic]
     table, _ = bench.measure(deterministic, bench.BUDGETS, bench.N_SAMPLES)
     won = bench.winners(table)
-    assert {b: w.removeprefix("ours ") for b, w in won.items()} == {b: default_sampler(b) for b in bench.BUDGETS}
+    assert {b: w.removeprefix("ours ") for b, w in won.items()} == {b: ode_sampler(b) for b in bench.BUDGETS}
     stochastic = [bench.ours(n) for n, s in SAMPLERS.items() if s.stochastic]
     rough, _ = bench.measure(stochastic, bench.BUDGETS, 1000)
     for b in bench.BUDGETS:
@@ -361,7 +374,11 @@ def test_ipndm_free_ends_are_exact_where_their_assumptions_hold():
 # ---------------------------------------------------------------------------------------------
 # The one rule that picks a sampler, and the one seeded, batched generation loop
 
-def test_resolve_sampler_is_the_one_rule():
+def test_resolve_sampler_is_the_one_rule(monkeypatch):
+    name, options = default_sampler(10)
+    assert resolve_sampler(None, 10, None) == (name, SAMPLERS[name].steps_for(10, **options),
+                                               {**SAMPLERS[name].options, **options})
+    monkeypatch.setattr(registry, "DEFAULT_SAMPLERS", {1: ("ipndm", {})})   # the rule, on a one-entry table
     assert resolve_sampler(None, 10, None) == ("ipndm", 10, {"afs": False, "free_last_step": False})
     assert resolve_sampler(None, 12, {"afs": True}) == ("ipndm", 13, {"afs": True, "free_last_step": False})
     assert resolve_sampler("heun", 5, {"euler_start": False, "s_noise": None}) == ("heun", 5, {"euler_start": False})
@@ -370,6 +387,7 @@ def test_resolve_sampler_is_the_one_rule():
         resolve_sampler("dpmpp_2m", 5, {"eta": 1.0})
     with pytest.raises(ValueError, match=r"no option 'order'; its options: afs \(default False\), free_last_step"):
         resolve_sampler(None, 10, {"order": 3})
+    monkeypatch.undo()
     with pytest.raises(ValueError, match=r"option order=2.5 of 'lms' must be an int \(default 4\)"):
         resolve_sampler("lms", 10, {"order": 2.5})
     with pytest.raises(ValueError, match="option eta='1' of 'ddim' must be a float"):

@@ -11,7 +11,7 @@ from .guidance_args import CONVENTION, _run_name, add_guidance_args, check_args,
 
 # --precision's default: "no" (float32) until the FD check of benchmarks/throughput.py --fd shows bf16 leaves
 # FD unchanged on a trained run; then "auto" (bf16 where the hardware has it).
-DEFAULT_PRECISION = "no"
+DEFAULT_PRECISION = "auto"
 PRECISION_HELP = ("the network's forward: no (float32), bf16 (autocast), fp16 (autocast, CUDA only) or auto (bf16 "
                   "where the hardware has it, else float32); the sampler's own arithmetic stays float64")
 SIGMAS_HELP = "default (the model's own sigmas at the --spacing timesteps), karras or exponential"

@@ -4,6 +4,16 @@
 order and its options with their defaults. :func:`resolve_sampler` turns what a caller asked for (a name or
 None, a step count, options) into what runs: None picks the most accurate sampler whose NFE fits ``steps``
 (then the NFE budget; ``DEFAULT_SAMPLERS``), options are checked against the sampler's own.
+
+Two tables, measured two ways:
+
+* ``DEFAULT_SAMPLERS`` (what ``sampler=None`` runs): per NFE budget, a sampler and its options chosen on
+  trained networks (benchmarks/samplers_trained.py: FD-Digits of 1,000 samples of the MNIST default recipe).
+  A trained network's errors are not an exact denoiser's: there, fresh noise at every step (an ancestral
+  sampler) hides part of the network's error and beats every ODE solver.
+* ``ODE_SAMPLERS``: the most accurate deterministic sampler per budget on an exact denoiser
+  (benchmarks/samplers.py, a Gaussian mixture in closed form): the accuracy of the integrators themselves,
+  at data-independent options; tests/test_samplers.py re-measures it.
 """
 from __future__ import annotations
 
@@ -16,7 +26,8 @@ from .samplers import (sample_ddpm, sample_deis, sample_dpm_2, sample_dpmpp_2m, 
                        sample_dpmpp_3m_sde, sample_euler, sample_euler_ancestral, sample_heun, sample_ipndm,
                        sample_lms, sample_pndm, sample_unipc)
 
-__all__ = ["SamplerSpec", "SAMPLERS", "DEFAULT_SAMPLERS", "default_sampler", "steps_for_budget", "resolve_sampler"]
+__all__ = ["SamplerSpec", "SAMPLERS", "DEFAULT_SAMPLERS", "ODE_SAMPLERS", "default_sampler", "ode_sampler",
+           "steps_for_budget", "resolve_sampler"]
 
 
 @dataclass(frozen=True)
@@ -83,9 +94,18 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "unipc": SamplerSpec(sample_unipc, _one_per_step, 3, {"order": 2, "variant": "bh2"}),
 }
 
-# The most accurate sampler for an NFE budget on the default grid (sigmas="default", spacing="trailing"), as
+# What sampler=None runs for an NFE budget (the largest key <= it): (name, options), on the default grid
+# (sigmas="default", spacing="trailing"), chosen on trained networks by benchmarks/samplers_trained.py
+# (docs/samplers.md, "On trained networks").
+DEFAULT_SAMPLERS: dict[int, tuple[str, dict]] = {
+    1: ("euler_ancestral", {"eta": 1.4}),
+    10: ("euler_ancestral", {"eta": 1.4}),
+    20: ("euler_ancestral", {"eta": 1.4}),
+}
+
+# The most accurate deterministic sampler for an NFE budget on the default grid on an exact denoiser, as
 # benchmarks/samplers.py measures it (tests/test_samplers.py re-measures it); a budget uses the largest key <= it.
-DEFAULT_SAMPLERS: dict[int, str] = {1: "ipndm", 5: "ipndm", 10: "ipndm", 20: "ipndm", 50: "lms"}
+ODE_SAMPLERS: dict[int, str] = {1: "ipndm", 5: "ipndm", 10: "ipndm", 20: "ipndm", 50: "lms"}
 
 
 def _check_sampler(name: str) -> SamplerSpec:
@@ -100,10 +120,21 @@ def _check_steps(steps) -> int:
     return int(steps)
 
 
-def default_sampler(budget: int) -> str:
-    """The sampler picked when none is named, for an NFE budget (the largest key of DEFAULT_SAMPLERS <= it)."""
+def _for_budget(table: dict, budget: int):
     budget = _check_steps(budget)
-    return DEFAULT_SAMPLERS[max(k for k in DEFAULT_SAMPLERS if k <= budget)]
+    return table[max(k for k in table if k <= budget)]
+
+
+def default_sampler(budget: int) -> tuple[str, dict]:
+    """(name, options) picked when no sampler is named, for an NFE budget (the largest key of DEFAULT_SAMPLERS
+    <= it); the options are a copy."""
+    name, options = _for_budget(DEFAULT_SAMPLERS, budget)
+    return name, dict(options)
+
+
+def ode_sampler(budget: int) -> str:
+    """The most accurate deterministic sampler on an exact denoiser for an NFE budget (ODE_SAMPLERS)."""
+    return _for_budget(ODE_SAMPLERS, budget)
 
 
 def steps_for_budget(sampler: str, budget: int) -> int:
@@ -125,13 +156,14 @@ def _same_kind(value, default) -> bool:
 def resolve_sampler(sampler: str | None, steps: int, options: dict | None = None) -> tuple[str, int, dict]:
     """(name, steps, options) to run, from what was asked: the one rule every caller uses.
 
-    sampler None: the sampler of :func:`default_sampler` for the NFE budget ``steps``, at the largest step
-    count whose NFE fits it (at least 1). ``options`` (None values are dropped) are checked against the
-    sampler's own, by name and kind, and returned merged over its defaults."""
+    sampler None: the sampler of :func:`default_sampler` for the NFE budget ``steps``, with its options under
+    the ones given, at the largest step count whose NFE fits it (at least 1). ``options`` (None values are
+    dropped) are checked against the sampler's own, by name and kind, and returned merged over its defaults."""
     steps = _check_steps(steps)
     given = {k: v for k, v in (options or {}).items() if v is not None}
     if sampler is None:
-        sampler = default_sampler(steps)
+        sampler, chosen = default_sampler(steps)
+        given = {**chosen, **given}
         spec = SAMPLERS[sampler]
         steps = max(1, spec.steps_for(steps, **{k: v for k, v in given.items() if k in spec.options}))
     spec = _check_sampler(sampler)

@@ -18,18 +18,15 @@ from dataclasses import dataclass, field
 FORMAT_VERSION = 2
 
 # The classifier-free guidance recipe that benchmarks/guidance.py measured for the default class-conditional
-# recipe (pred = pred_uncond + w (pred_cond - pred_uncond)), with euler_ancestral at eta 1.4, 20 steps: the lowest
-# FD-Digits among the scales giving >= 99% of the requested digit is w = 1.25 (99.4%, FD 15.1, recall 0.70),
-# below the unconditional recipe's FD with the same sampler (16.7; 25.5 with its own eta 1.8). README
-# "Conditioning and guidance". The scale is what a conditional run samples with when sample.guidance_scale is
-# none; the sampler options are a new conditional run's sample.options unless the user sets them (guided
-# samples are sharper: the extra fresh noise of eta 1.8, which helps the unconditional model, there only costs
-# FD: at w = 1.25, FD 29.9 with eta 1.8). Unconditional runs sample without classifier-free guidance.
+# recipe (pred = pred_uncond + w (pred_cond - pred_uncond)), with euler_ancestral at eta 1.4, 20 steps (the
+# default sampler, sampling.registry.DEFAULT_SAMPLERS): the lowest FD-Digits among the scales giving >= 99% of
+# the requested digit is w = 1.25 (99.4%, FD 15.1, recall 0.70), below the unconditional recipe's FD with the same
+# sampler (16.7). README "Conditioning and guidance". The scale is what a conditional run samples with when
+# sample.guidance_scale is none. Unconditional runs sample without classifier-free guidance.
 RECOMMENDED_GUIDANCE_SCALE = 1.25
 # Text runs (conditioning.kind=text): the scale at which a tiny text model on digit captions follows held-out
 # phrasings (tests/test_text.py; benchmarks/text.py measures it on MNIST, docs/text.md).
 RECOMMENDED_TEXT_GUIDANCE_SCALE = 3.0
-GUIDED_SAMPLER_OPTIONS = {"eta": 1.4}
 
 
 def knob(default, help: str, flat: str | None = None):
@@ -129,12 +126,12 @@ class RunConfig:
 @dataclass
 class SampleConfig:
     n: int = knob(64, "samples in each grid", "sample_n")
-    sampler: str | None = knob("euler_ancestral", "sampler of the grids, the demo and `dforge sample` "
-                                                  "(none: the best for the NFE budget)", "sampler")
+    sampler: str | None = knob(None, "sampler of the grids, the demo and `dforge sample` (none: the default for the "
+                                     "NFE budget sample.steps, sampling.registry.DEFAULT_SAMPLERS, chosen on trained "
+                                     "networks)", "sampler")
     steps: int = knob(20, "its steps", "sample_steps")
-    options: dict = knob({"eta": 1.8}, "its options (eta > 1: more fresh noise; a new conditional run's default is "
-                                       f"{{eta: {GUIDED_SAMPLER_OPTIONS['eta']:g}}}, measured best with guidance)",
-                         "sampler_options")
+    options: dict = knob({}, "its options, over the sampler's defaults (and the default sampler's, e.g. {eta: 1.4}; "
+                             "eta > 1: more fresh noise)", "sampler_options")
     guidance_scale: float | None = knob(None, "classifier-free guidance scale w of the grids and of `dforge sample` "
                                               "when none is given: pred = pred_uncond + w (pred_cond - pred_uncond), "
                                               "w = 1 conditional, 0 unconditional (none: the recipe's, "

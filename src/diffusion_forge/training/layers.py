@@ -13,7 +13,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import (FIELDS, FLAT_ALIASES, FORMAT_VERSION, GUIDED_SAMPLER_OPTIONS, SECTIONS, _SHORT, Config, ConfigError,
+from .config import (FIELDS, FLAT_ALIASES, FORMAT_VERSION, SECTIONS, _SHORT, Config, ConfigError,
                      defaults)
 
 # Names other tools (diffusers' scripts, nanoGPT) use for our keys, for the did-you-mean hint.
@@ -222,9 +222,6 @@ def merge_config(base: dict | None = None, file: str | Path | None = None, flags
     given += settings(flags or {})
     cfg = Config.from_nested(apply(nested, given))
     _check_given_dropout(cfg, given)
-    if base is None and cfg.conditioning.kind != "none" and not any(path[:2] == ("sample", "options")
-                                                                     for path, _ in given):
-        cfg.sample.options = dict(GUIDED_SAMPLER_OPTIONS)   # a new conditional run: the guided sampler's options
     return cfg
 
 

@@ -293,7 +293,7 @@ class Trainer:
         n = self.cfg.sample.n
         cond = self.sample_cond(n)
         x = generate(self.ema_denoiser(), n, seed=0, sampler=name, steps=steps, sampler_options=options,
-                     cond=cond, device=self.device, **self.guidance())
+                     cond=cond, device=self.device, progress=self.progress, **self.guidance())
         guided = f", CFG w = {self.guidance_scale:g}" if self.guidance_scale is not None else ""
         if self.text_encoder is not None:   # one row per prompt, labelled with it
             rows = [repr(p) for p in self.sample_prompts(n)]

@@ -1,0 +1,182 @@
+"""Time to quality: FD-Digits@n against wall-clock minutes, our default recipe against the course recipe.
+
+    python benchmarks/time_to_quality.py                    # 2, 5 and 10 minutes: ~35 minutes on 2 cores
+    python benchmarks/time_to_quality.py --minutes 2 5 10 20 --out outputs/ttq
+
+Ours: one fresh run per budget, the default recipe (`dforge train`'s defaults) with ``optim.steps`` set so
+that the run fits its budget: the steps per second of the recipe are measured first (a throw-away 40-step
+run in this process), then steps = rate x (60 x minutes - setup) x 0.97, with the trainer's time limit as a
+hard stop. The wall-clock column is the whole run, from building the trainer (data loading included) to the
+final checkpoint. Samples: the run's own sampler (``sample.sampler / steps / options`` of its config).
+
+The course recipe (benchmarks/recipe.py, Hugging Face diffusion course unit 1): one run of the longest
+budget with its weights copied at each budget. Its learning rate is constant and it has no EMA, so a copy
+at minute m is exactly the run a budget of m minutes gives. Its samples: the best FD of its candidate
+samplers at 20 NFE (default: euler_ancestral at eta 1.6, its best in benchmarks/recipe.py).
+
+Both sample with bf16 autocast where the CPU has it (``precision="auto"``; benchmarks/throughput.py --fd: it
+moves FD-Digits@1k by 0.26, less than another draw of seeds does).
+
+FD-Digits: the Frechet distance in the features of the project's digit classifier (evaluate.digit_classifier)
+against the MNIST test set; the floor: n real training images against the same set; recall: improved
+recall (k = 3) in the same features against n test images; digit shares: the classifier's labels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipe import parse_sampler, train_course  # noqa: E402
+
+from diffusion_forge import evaluate  # noqa: E402
+from diffusion_forge.data import load_mnist, to_uint8  # noqa: E402
+from diffusion_forge.denoise.denoiser import Denoiser  # noqa: E402
+from diffusion_forge.io.files import write_json  # noqa: E402
+from diffusion_forge.sampling.generate import generate  # noqa: E402
+from diffusion_forge.training import Trainer, merge_config  # noqa: E402
+
+SAFETY = 0.97   # of the budget left after setup, for the steps (the final grid and checkpoint need the rest)
+
+
+class Scorer:
+    """FD-Digits, precision, recall and digit shares of uint8 samples, against the MNIST test set."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.clf = evaluate.digit_classifier()
+        test, _ = load_mnist("test")
+        train, _ = load_mnist("train")
+        self.test_features = self.clf.features(test)
+        self.ref_stats = evaluate.feature_stats(self.test_features)
+        self.n = n
+        idx = np.random.default_rng(seed).choice(len(train), n, replace=False)
+        self.floor = self(train[idx])
+
+    def __call__(self, images) -> dict:
+        f = self.clf.features(images)
+        precision, recall = evaluate.precision_recall(self.test_features[:self.n], f)
+        share = torch.bincount(self.clf.predict_proba(images).argmax(1), minlength=10).double() / len(images)
+        return {"fd": evaluate.frechet_distance(*evaluate.feature_stats(f), *self.ref_stats),
+                "precision": precision, "recall": recall,
+                "min_share": float(share.min()), "max_share": float(share.max())}
+
+
+def recipe_rate(seed: int) -> float:
+    """Optimiser steps per second of the default recipe, from steps 20-40 of a throw-away run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = merge_config(flags={"data.source": "mnist", "run.seed": seed, "run.sample_every": 0,
+                                  "optim.steps": 40, "run.log_every": 20, "run.guide_snapshot_step": 0})
+        Trainer(cfg, Path(tmp) / "probe", progress=False).fit()
+        lines = [json.loads(s) for s in (Path(tmp) / "probe" / "metrics.jsonl").read_text().splitlines()]
+    return lines[-1]["images_per_s"] / cfg.optim.batch_size
+
+
+def train_ours(out: Path, minutes: float, rate: float, seed: int) -> tuple[Denoiser, dict]:
+    t0 = time.perf_counter()
+    flags = {"data.source": "mnist", "run.seed": seed, "run.sample_every": 0}
+    trainer = Trainer(merge_config(flags=flags), out, progress=True)          # data loaded, network built: the setup
+    setup = time.perf_counter() - t0
+    cfg = trainer.cfg                                    # the step count is only read from here on
+    cfg.optim.steps = max(cfg.optim.warmup_steps + 1, int(rate * (60 * minutes - setup) * SAFETY))
+    trainer.max_seconds = 60 * minutes - (time.perf_counter() - t0)
+    trainer.fit()
+    wall = time.perf_counter() - t0
+    s = cfg.sample
+    return trainer.ema_denoiser().eval(), {"steps": trainer.step, "wall_s": wall,
+                                            "sampler": (s.sampler, s.steps, dict(s.options))}
+
+
+def draw(D: Denoiser, n: int, sampler: str, steps: int, options: dict):
+    with torch.no_grad():
+        return to_uint8(generate(D, n, seed=0, sampler=sampler, steps=steps, batch_size=250,
+                                 sampler_options=options, progress=True, precision="auto"))
+
+
+def plot(rows: list[dict], floor: float, path: Path) -> None:
+    from diffusion_forge.viz.figures import _plt, save_figure
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, marker in (("ours", "o"), ("course", "s")):
+        pts = [(r["minutes"], r[name]["fd"]) for r in rows]
+        ax.plot(*zip(*pts), marker=marker, label=f"{name} recipe")
+    ax.axhline(floor, color="gray", ls="--", lw=1, label="real vs real (floor)")
+    ax.axhline(2 * floor, color="gray", ls=":", lw=1, label="2 x floor")
+    ax.set(xscale="log", yscale="log", xlabel="wall-clock minutes of training (2 CPU cores)",
+           ylabel="FD-Digits@1k", title="Time to quality on MNIST")
+    ax.set_xticks([r["minutes"] for r in rows], [f"{r['minutes']:g}" for r in rows])
+    ax.set_xticks([], minor=True)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--minutes", type=float, nargs="+", default=[2, 5, 10], help="wall-clock budgets")
+    p.add_argument("--n", type=int, default=1000, help="samples per point (and real images for the floor)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/bench-ttq", help="runs, results.json and time-to-quality.png")
+    p.add_argument("--course-samplers", default="euler_ancestral:eta=1.6",
+                   help="candidates for the course model, ';'-separated, NAME[:OPTION=VALUE,...]")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    score = Scorer(args.n, args.seed)
+    print(f"threads {torch.get_num_threads()}; floor at n={args.n}: {score.floor}", flush=True)
+    rate = recipe_rate(args.seed)
+    print(f"our recipe: {rate:.2f} steps/s", flush=True)
+
+    rows = []
+    for m in args.minutes:
+        run = out / f"ours-{m:g}min"
+        shutil.rmtree(run, ignore_errors=True)
+        D, info = train_ours(run, m, rate, args.seed)
+        name, steps, options = info["sampler"]
+        result = score(draw(D, args.n, name, steps, options))
+        rows.append({"minutes": m, "ours": {**info, **result}})
+        print(f"ours {m:g} min: {info['steps']} steps, {info['wall_s']:.0f} s, {result}", flush=True)
+    course = train_course(60 * max(args.minutes), args.seed, snapshot_minutes=args.minutes)[1]["snapshots"]
+    for row, (D, info) in zip(rows, course):
+        best = None
+        for spec in args.course_samplers.split(";"):
+            name, options = parse_sampler(spec)
+            result = {**score(draw(D, args.n, name, 20, options)), "sampler": spec}
+            best = result if best is None or result["fd"] < best["fd"] else best
+        row["course"] = {**info, **best}
+        print(f"course {info['minutes']:g} min: {info['steps']} steps, {best}", flush=True)
+
+    floor = score.floor
+    print(f"\nTime to quality, {args.n} samples, FD-Digits vs the MNIST test set (floor {floor['fd']:.2f}, "
+          f"recall {floor['recall']:.3f}); ours at its own sampler, the course at its best of "
+          f"{args.course_samplers}\n")
+    print("| minutes | ours: steps | wall s | FD | FD / floor | recall | digit shares | course: steps | FD | "
+          "FD / floor | recall |\n|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        o, c = r["ours"], r["course"]
+        print(f"| {r['minutes']:g} | {o['steps']} | {o['wall_s']:.0f} | {o['fd']:.2f} | {o['fd'] / floor['fd']:.2f} | "
+              f"{o['recall']:.3f} | {o['min_share']:.1%}-{o['max_share']:.1%} | {c['steps']} | {c['fd']:.2f} | "
+              f"{c['fd'] / floor['fd']:.2f} | {c['recall']:.3f} |")
+    ten = next((r["ours"] for r in rows if r["minutes"] == 10), None)
+    if ten is not None:
+        checks = {"FD <= 2 x floor": ten["fd"] <= 2 * floor["fd"],
+                  "recall within 0.05 of the floor's": ten["recall"] >= floor["recall"] - 0.05,
+                  "every digit 7-13% of the samples": 0.07 <= ten["min_share"] and ten["max_share"] <= 0.13}
+        for k, v in checks.items():
+            print(f"  {'PASS' if v else 'FAIL'}  10 minutes: {k}")
+    plot(rows, floor["fd"], out / "time-to-quality.png")
+    results = {"floor": floor, "rate_steps_per_s": rate, "rows": rows}
+    write_json(out / "results.json", json.loads(json.dumps(results, default=str)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
