@@ -99,7 +99,8 @@ def optimised_grid(D, sampler: str, nfe: int, kw: dict, args):
 
     cond, null = pipeline_cond(D, args.grid_n, kw["prompt"], None, None)
     return optimize_sigmas(_guided(D, kw["guidance_scale"], null), sampler, nfe, shape=D.sample_shape,
-                           n=args.grid_n, seed=10_000, cond=cond)
+                           n=args.grid_n, seed=10_000, cond=cond, teacher_steps=args.grid_teacher,
+                           max_evals=args.grid_evals)
 
 
 def part2(args) -> dict:
@@ -167,7 +168,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt", default="a photo")
     p.add_argument("--guidance", type=float, default=3.0, help="CFG scale of part 2")
-    p.add_argument("--grid-n", type=int, default=64, help="noise draws for the optimised grids of part 2")
+    p.add_argument("--grid-n", type=int, default=32, help="noise draws for the optimised grids of part 2")
+    p.add_argument("--grid-teacher", type=int, default=256, help="teacher steps of the optimised grids")
+    p.add_argument("--grid-evals", type=int, default=120, help="sampler runs of the grids' coordinate search")
     args = p.parse_args()
     if args.quick:
         args.steps, args.n, args.repeats = 4, 2, 2
