@@ -81,10 +81,16 @@ class Callbacks:
         f = gen.model_facts(self.store.get(model))
         K = f["num_classes"]
         classes = ["all", *map(str, range(K))] if K else ["none"]
+        own = f["sampler"]
+        if own is None:                      # sample.sampler none: the registry's default for the budget
+            from ..sampling.registry import default_sampler
+
+            name, options = default_sampler(f["steps"])
+            own = f"the default, {name}" + "".join(f" {k}={v}" for k, v in options.items())
         info = (f"step {f['step']}, samples of shape {f['sample_shape']}; "
                 f"{f'{K} classes' if K else 'unconditional'}"
                 f"{', guidance w = ' + format(f['guidance_scale'] or 1, 'g') + ' recommended' if f['guidable'] else ''}"
-                f"{', text prompts' if f['text'] else ''}; its own sampler: {f['sampler']}, {f['steps']} steps")
+                f"{', text prompts' if f['text'] else ''}; its own sampler: {own}, {f['steps']} steps")
         return (gr.update(choices=classes, value=classes[0], visible=bool(K)),
                 gr.update(value=f["guidance_scale"] if f["guidable"] else 1, visible=f["guidable"]),
                 gr.update(visible=f["text"]), gr.update(visible=f["text"]), gr.update(value=f["steps"]), info)
