@@ -76,7 +76,7 @@ def run(args) -> int:
             return 0
         score = digit_confidence_score(samples)
         print(f"digit classifier: {score:.1%} of {args.n} samples are labelled with confidence >= 0.9 "
-              "(about 85% with --set sample.options.eta=1.8, the old default: sharper digits, worse FD, recall "
-              "and class balance; README)")
+              "(the default 2,000-step recipe: 76% with this sampler, 85% with --set sample.options.eta=1.8, the "
+              "old default, which draws sharper digits at a worse FD, recall and class balance; README)")
     return 0
 
