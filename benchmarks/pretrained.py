@@ -19,9 +19,15 @@ schedulers on a trained, exported network.
     DPM-Solver++(2M) at 10 NFE on grids optimised from the guided network's own outputs
     (sampling.grids.optimize_sigmas, from other noise draws than the benchmark's seeds, no data; its cost grows
     with the square of the NFE, so only at the target's budget), measured as the
-    RMS distance, in [-1, 1] pixels, to a 500-step ancestral reference (our euler_ancestral, the same seeds),
-    and, as a second column, to a 500-step DPM-Solver++(2M) ODE reference (deterministic samplers converge to
-    the latter). Target: at 10 NFE our best sampler closer to the reference than diffusers' best scheduler.
+    RMS distance, in [-1, 1] pixels, to a 500-step ancestral reference (our euler_ancestral with Brownian-tree
+    noise, the same seeds: sampling/brownian.py, one Brownian path per seed, so a stochastic sampler from that
+    seed converges to it as its steps grow), as a second column to a 500-step DPM-Solver++(2M) ODE reference
+    (deterministic samplers converge to the latter), and as a third to the same sampler's own 500-step run from
+    the same seeds (for the ODE solvers: the ODE reference), the fair column for diffusers' own Brownian-tree
+    scheduler (DPMSolverSDEScheduler, torchsde's tree, seeded by noise_sampler_seed), whose path is not ours.
+    Stochastic rows: ours with Brownian noise (and fresh noise, for contrast) on the trailing and Karras grids;
+    diffusers' EulerAncestral, SDE-DPM-Solver++ and DPMSolverSDE. Target: at 10 NFE our best sampler closer
+    to the reference than diffusers' best scheduler.
 """
 from __future__ import annotations
 
@@ -39,8 +45,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 OURS = {"dpmpp_2m": 1, "unipc": 1, "ipndm": 1, "deis": 1, "euler": 1, "heun": 2}          # NFE per step
 OPTIMISED = ("ipndm", "dpmpp_2m")                                                        # + sigmas=optimize_sigmas(...)
+# Stochastic rows: (label, sampler, NFE per step, keyword arguments of sample_ours)
+OURS_SDE = [("euler_ancestral (brownian)", "euler_ancestral", 1, {"noise": "brownian"}),
+            ("euler_ancestral (brownian, karras)", "euler_ancestral", 1, {"noise": "brownian", "sigmas": "karras"}),
+            ("dpmpp_2m_sde (brownian)", "dpmpp_2m_sde", 1, {"noise": "brownian"}),
+            ("dpmpp_2m_sde (brownian, karras)", "dpmpp_2m_sde", 1, {"noise": "brownian", "sigmas": "karras"}),
+            ("euler_ancestral (fresh noise)", "euler_ancestral", 1, {})]
 THEIRS = {"DPMSolverMultistepScheduler": 1, "UniPCMultistepScheduler": 1, "DEISMultistepScheduler": 1,
           "EulerDiscreteScheduler": 1, "DDIMScheduler": 1, "HeunDiscreteScheduler": 2}
+# diffusers' stochastic schedulers: (label, class, NFE per step, config overrides). DPMSolverSDEScheduler is its
+# Brownian-tree sampler (torchsde's BrownianInterval, one seed for the batch: noise_sampler_seed).
+THEIRS_SDE = [("EulerAncestralDiscreteScheduler", "EulerAncestralDiscreteScheduler", 1, {}),
+              ("DPMSolverMultistep sde-dpmsolver++", "DPMSolverMultistepScheduler", 1,
+               {"algorithm_type": "sde-dpmsolver++"}),
+              ("DPMSolverSDEScheduler (brownian)", "DPMSolverSDEScheduler", 2, {"noise_sampler_seed": 0}),
+              ("DPMSolverSDEScheduler (brownian, karras)", "DPMSolverSDEScheduler", 2,
+               {"noise_sampler_seed": 0, "use_karras_sigmas": True})]
 
 
 def part1(args) -> dict:
@@ -119,40 +139,62 @@ def part2(args) -> dict:
     ref_steps = 20 if args.quick else 500
     budgets = (2, 4) if args.quick else (10, 20, 50)
     kw = dict(prompt=prompt if D.text_encoder is not None else None, guidance_scale=w)
-    refs = {"ancestral": sample_ours(D, n, sampler="euler_ancestral", steps=ref_steps, **kw),
+    steps_of = lambda nfe, per: max(1, (nfe + 1) // 2) if per == 2 else nfe     # noqa: E731  heun: 2n - 1 NFE
+    refs = {"ancestral": sample_ours(D, n, sampler="euler_ancestral", steps=ref_steps, noise="brownian", **kw),
             "ode": sample_ours(D, n, sampler="dpmpp_2m", steps=ref_steps, **kw)}
     rms = lambda x, ref: float((x - ref).pow(2).mean().sqrt())     # noqa: E731
+
+    def ours_sde(sampler, nfe, per, extra):
+        return sample_ours(D, n, sampler=sampler, steps=steps_of(nfe, per), **extra, **kw)
+
+    def theirs(cls, nfe, per, overrides):
+        extra = {"clip_sample": False, "set_alpha_to_one": True} if cls == "DDIMScheduler" else {}
+        sched = scheduler_from_name(D, cls, timestep_spacing="trailing", **extra, **overrides)
+        return sample_scheduler(D, sched, n, steps=steps_of(nfe, per), **kw)
+
+    # each stochastic sampler's own long run from the same seeds: where it converges (if it does)
+    own = {label: ours_sde(name, ref_steps, per, extra) for label, name, per, extra in OURS_SDE}
+    for label, cls, per, overrides in THEIRS_SDE:
+        try:
+            own[label] = theirs(cls, ref_steps, per, overrides)
+        except Exception as e:                                       # e.g. DPMSolverSDEScheduler without torchsde
+            print(f"    {label}: skipped ({type(e).__name__}: {e})")
     print(f"(2) {folder}: {D.pipeline_kind}, {n} images, CFG {w}, RMS distance to {ref_steps}-step references "
-          "(ancestral | ODE)")
+          "(ancestral, Brownian noise | ODE | the same sampler's own long run)")
     best = {}
     for nfe in budgets:
         rows = []
         for name, per in OURS.items():
-            steps = max(1, (nfe + 1) // 2) if per == 2 else nfe       # heun: 2n - 1 evaluations
-            x = sample_ours(D, n, sampler=name, steps=steps, **kw)
-            rows.append(("ours", name, rms(x, refs["ancestral"]), rms(x, refs["ode"])))
+            x = sample_ours(D, n, sampler=name, steps=steps_of(nfe, per), **kw)
+            rows.append(("ours", name, rms(x, refs["ancestral"]), rms(x, refs["ode"]), rms(x, refs["ode"])))
+        for label, name, per, extra in OURS_SDE:
+            x = ours_sde(name, nfe, per, extra)
+            rows.append(("ours", label, rms(x, refs["ancestral"]), rms(x, refs["ode"]), rms(x, own[label])))
         for name in OPTIMISED if nfe == budgets[0] else ():          # a grid from the model's own outputs
             grid = optimised_grid(D, name, nfe, kw, args)
             x = sample_ours(D, n, sampler=name, steps=len(grid) - 1, sigmas=grid, **kw)
-            rows.append(("ours", f"{name} (optimised grid)", rms(x, refs["ancestral"]), rms(x, refs["ode"])))
-        for name, per in THEIRS.items():
-            steps = max(1, (nfe + 1) // 2) if per == 2 else nfe
-            try:
-                extra = {"clip_sample": False, "set_alpha_to_one": True} if name == "DDIMScheduler" else {}
-                sched = scheduler_from_name(D, name, timestep_spacing="trailing", **extra)
-                x = sample_scheduler(D, sched, n, steps=steps, **kw)
-            except Exception as e:                                   # a scheduler that rejects the config
-                print(f"    {name}: skipped ({type(e).__name__}: {e})")
+            o = rms(x, refs["ode"])
+            rows.append(("ours", f"{name} (optimised grid)", rms(x, refs["ancestral"]), o, o))
+        for label, cls, per, overrides in [(c, c, p, {}) for c, p in THEIRS.items()] + THEIRS_SDE:
+            if label not in own and (label, cls, per, overrides) in THEIRS_SDE:
                 continue
-            rows.append(("diffusers", name, rms(x, refs["ancestral"]), rms(x, refs["ode"])))
+            try:
+                x = theirs(cls, nfe, per, overrides)
+            except Exception as e:                                   # a scheduler that rejects the config
+                print(f"    {label}: skipped ({type(e).__name__}: {e})")
+                continue
+            o = rms(x, refs["ode"])
+            rows.append(("diffusers", label, rms(x, refs["ancestral"]), o, rms(x, own[label]) if label in own else o))
         print(f"  NFE {nfe}:")
-        for who, name, a, o in sorted(rows, key=lambda r: r[2]):
-            print(f"    {who:<9} {name:<30} {a:.4f} | {o:.4f}")
-        best[nfe] = {who: min(r[2] for r in rows if r[0] == who) for who in ("ours", "diffusers")}
+        for who, name, a, o, self_ in sorted(rows, key=lambda r: r[2]):
+            print(f"    {who:<9} {name:<40} {a:.4f} | {o:.4f} | {self_:.4f}")
+        best[nfe] = {who: {col: min(r[i] for r in rows if r[0] == who) for col, i in (("ancestral", 2), ("self", 4))}
+                     for who in ("ours", "diffusers")}
     first = budgets[0]
-    met = best[first]["ours"] < best[first]["diffusers"]
-    print(f"  at {first} NFE: ours {best[first]['ours']:.4f} vs diffusers {best[first]['diffusers']:.4f} "
-          f"(target: ours closer: {'met' if met else 'NOT met'})")
+    for col, what in (("ancestral", "the Brownian ancestral reference"), ("self", "each sampler's own long run")):
+        o, t = best[first]["ours"][col], best[first]["diffusers"][col]
+        print(f"  at {first} NFE, distance to {what}: ours {o:.4f} vs diffusers {t:.4f} "
+              f"(target: ours closer: {'met' if o < t else 'NOT met'})")
     if tmp is not None:
         tmp.cleanup()
     return best
@@ -163,6 +205,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="toy size: 4 steps, 2 images, 2 repeats (part 2: NFE 2, 4)")
     p.add_argument("--run", help="a trained latent text run (exported, then loaded back) for part 2")
     p.add_argument("--pipeline", help="an exported / saved StableDiffusionPipeline folder for part 2")
+    p.add_argument("--skip-part1", action="store_true", help="part 2 only (e.g. beside another job: part 1 is timed)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
@@ -176,7 +219,8 @@ def main() -> int:
         args.steps, args.n, args.repeats = 4, 2, 2
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    part1(args)
+    if not args.skip_part1:
+        part1(args)
     if args.run or args.pipeline:
         part2(args)
     return 0

@@ -172,6 +172,19 @@ def test_sample_grid_options_and_sampler_options_reach_the_sampler(image_run, tm
     assert "sampling" in capsys.readouterr().err                             # the progress bar (tqdm, stderr)
 
 
+def test_sample_noise_brownian_reaches_the_stochastic_samplers_only(image_run, tmp_path):
+    def images(*flags):
+        out = tmp_path / f"n{len(list(tmp_path.iterdir()))}.npz"
+        assert main(["sample", str(image_run), "--n", "3", "--steps", "3", "--out", str(out), "--no-progress",
+                     *flags]) == 0
+        return np.load(out)["images"]
+
+    fresh = images("--sampler", "euler_ancestral")
+    tree = images("--sampler", "euler_ancestral", "--noise", "brownian")
+    assert (tree != fresh).any() and (images("--sampler", "euler_ancestral", "--noise", "brownian") == tree).all()
+    assert (images("--sampler", "ddim", "--noise", "brownian") == images("--sampler", "ddim")).all()  # no fresh noise
+
+
 def test_sample_grids_are_titled_and_raw_on_request(image_run, tmp_path):
     from PIL import Image
 

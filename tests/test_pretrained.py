@@ -173,6 +173,8 @@ def test_bad_input(tmp_path, ddpm_dir, capsys, monkeypatch):
     assert "takes no prompt" in error_of("--model", str(ddpm_dir), "--prompt", "a cat")
     assert "not both" in error_of("--model", str(ddpm_dir), "--sampler", "ddim", "--scheduler", "DDIMScheduler")
     assert "unknown diffusers scheduler" in error_of("--model", str(ddpm_dir), "--scheduler", "NoSuchScheduler")
+    assert "applies to our samplers" in error_of("--model", str(ddpm_dir), "--scheduler", "DDIMScheduler", "--noise",
+                                                 "brownian")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def exact_std(name: str, sigmas: list[float]) -> float:
     x = torch.zeros(rows, 1, dtype=F64)
     x[0] = math.sqrt(1 + sigmas[0] ** 2)
 
-    def noise():
+    def noise(*step):                   # noise(sigma, sigma_next): the k-th draw
         drawn[0] += 1
         z = torch.zeros(rows, 1, dtype=F64)
         z[drawn[0]] = 1.0

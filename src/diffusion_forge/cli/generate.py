@@ -46,6 +46,9 @@ def register(sub) -> None:
     p.add_argument("--sigmas", default="default", help="our samplers' grid: default, karras or exponential")
     p.add_argument("--spacing", default="trailing", help="our samplers' timestep spacing: trailing, leading or linspace")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--noise", choices=("independent", "brownian"), default="independent",
+                   help="our stochastic samplers' fresh noise: independent (a new draw every step, as diffusers) or "
+                        "brownian (one Brownian path per seed: nearly the same image at every step count)")
     p.add_argument("--n", type=int, default=4, help="number of images")
     p.add_argument("--compare-samplers", metavar="A,B,...", default=None,
                    help="one grid of the same seeds through several of our samplers, a row each")
@@ -65,6 +68,9 @@ def _check(args) -> list[str]:
         raise UserError("--n, --steps and --batch-size must be >= 1")
     if args.scheduler and (args.sampler or args.compare_samplers):
         raise UserError("pass --scheduler (a diffusers scheduler) or --sampler / --compare-samplers (ours), not both")
+    if args.scheduler and args.noise != "independent":
+        raise UserError("--noise brownian applies to our samplers; a diffusers scheduler draws its own noise: pass "
+                        "--sampler (e.g. euler_ancestral) instead of --scheduler")
     if args.sampler and args.compare_samplers:
         raise UserError("pass --sampler or --compare-samplers, not both")
     names = [s.strip() for s in (args.compare_samplers or "").split(",") if s.strip()]
@@ -116,7 +122,8 @@ def run(args) -> int:
     else:
         images = [sample_ours(D, args.n, seed=args.seed, sampler=name, steps=args.steps, sigmas=args.sigmas,
                               spacing=args.spacing, sampler_options=options if len(samplers) == 1 else None,
-                              batch_size=args.batch_size, progress=not args.no_progress, **common)
+                              batch_size=args.batch_size, progress=not args.no_progress, noise=args.noise,
+                              **common)
                   for name in samplers]
         ran = samplers
     seconds = time.time() - start

@@ -50,6 +50,10 @@ def register(sub) -> None:
     p.add_argument("--sigmas", default="default", help=f"the sigma grid: {SIGMAS_HELP}")
     p.add_argument("--spacing", default="trailing", help=f"timestep spacing: {SPACING_HELP}")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
+    p.add_argument("--noise", choices=("independent", "brownian"), default="independent",
+                   help="fresh noise of stochastic samplers: independent (a new draw every step, as diffusers) or "
+                        "brownian (one Brownian path per seed: a seed gives nearly the same image at 10 and at 100 "
+                        "steps; the same distribution of samples)")
     p.add_argument("--out", default="samples.png",
                    help=f"output file: a picture ({', '.join(IMAGE_SUFFIXES)}: a titled grid of images; vector data: "
                         "a scatter plot, .svg too) or .npz (key `images`: uint8 N x H x W x C; vector data: "
@@ -244,7 +248,7 @@ def run(args) -> int:
     start = time.time()
     x = generate(denoiser, args.n, seed=args.seed, sampler=sampler, steps=steps, sampler_options=options,
                  cond=cond, batch_size=args.batch_size, device=device, sigmas=args.sigmas,
-                 spacing=args.spacing, progress=not args.no_progress, precision=precision)
+                 spacing=args.spacing, progress=not args.no_progress, precision=precision, noise=args.noise)
     seconds = time.time() - start
     if out.suffix.lower() == ".npz":
         arrays = npz_arrays(x)

@@ -71,14 +71,16 @@ def _guided(D, guidance_scale, null):
 def sample_ours(D, n: int, seed: int = 0, sampler: str = "dpmpp_2m", steps: int = 25, prompt=None,
                 negative_prompt: str | None = None, class_label: int | None = None, guidance_scale: float | None = None,
                 sigmas: str = "default", spacing: str = "trailing", sampler_options: dict | None = None,
-                batch_size: int = 16, progress: bool = False, decode_latents: bool = True) -> torch.Tensor:
-    """n images through our sampler (``sampling.generate``), guided as the module docstring says."""
+                batch_size: int = 16, progress: bool = False, decode_latents: bool = True,
+                noise: str = "independent") -> torch.Tensor:
+    """n images through our sampler (``sampling.generate``), guided as the module docstring says; ``noise``:
+    "independent" or "brownian" (as :func:`diffusion_forge.sample`)."""
     from ..sampling.generate import generate
 
     cond, null = pipeline_cond(D, n, prompt, negative_prompt, class_label)
     return generate(_guided(D, guidance_scale, null), n, seed=seed, sampler=sampler, steps=steps, cond=cond,
                     sampler_options=sampler_options, sigmas=sigmas, spacing=spacing, batch_size=batch_size,
-                    progress=progress, decode=decode_latents)   # generate decodes latents with D.vae
+                    progress=progress, decode=decode_latents, noise=noise)   # generate decodes latents with D.vae
 
 
 def scheduler_from_name(D, name: str, **overrides):

@@ -12,7 +12,8 @@ from ..denoise.denoiser import ClipX0, DenoiserBase, DynamicThreshold, as_denois
 from ..denoise.guidance import ClassifierFreeGuidance, check_class_labels, num_classes_of
 from ..device import model_device_dtype
 from .registry import SAMPLERS, resolve_sampler
-from .utils import Noise, per_sample_generators, start, work_dtype
+from .brownian import make_noise
+from .utils import per_sample_generators, start, work_dtype
 
 __all__ = ["sample", "check_cond", "apply_guidance", "PRECISIONS", "sampling_autocast_dtype"]
 
@@ -99,7 +100,7 @@ def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None
            s_noise: float | None = None, sampler_options: dict | None = None, device=None,
            dtype: torch.dtype | None = None, scheduler=None, guidance_scale: float | None = None,
            guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None,
-           precision: str = "no") -> torch.Tensor:
+           precision: str = "no", noise: str = "independent") -> torch.Tensor:
     """Draw ``shape[0]`` samples from ``model(x_t, t, **cond)`` trained on ``schedule``, or from a (wrapped)
     :class:`~diffusion_forge.Denoiser` passed in place of both (``sample(D, shape=...)``).
 
@@ -133,6 +134,10 @@ def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None
         the hardware has it, else "no"): only the network's forward runs under ``torch.autocast`` in that
         dtype (:func:`~diffusion_forge.denoise.denoiser.network_autocast`); its output is cast back, so the
         sigmas, the noise and the samplers' updates keep their float64 (float32 on MPS) arithmetic.
+    noise: the fresh noise of stochastic samplers: "independent" (default: a new draw at every step, as diffusers'
+        schedulers) or "brownian" (the step's increment of one Brownian path per seed, in SNR time,
+        :class:`~diffusion_forge.sampling.brownian.BrownianNoise`): the same distribution of samples, but a seed
+        then gives nearly the same image at every step count, converging as the steps grow.
     Returns a tensor of ``shape`` in the denoiser's space, in ``dtype`` (default: the network's dtype).
     """
     if isinstance(model, DenoiserBase):
@@ -150,6 +155,9 @@ def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None
         if guidance_scale is not None:
             raise ValueError("guidance_scale applies to our samplers; a diffusers scheduler runs the network's own "
                              "loop: pass sampler= instead of scheduler=")
+        if noise != "independent":
+            raise ValueError(f"noise={noise!r} applies to our samplers; a diffusers scheduler draws its own noise "
+                             "at every step: pass sampler= instead of scheduler=")
         if (clip_x0 is not False and clip_x0 is not None) or dynamic_threshold is not None:
             raise ValueError("clip_x0 / dynamic_threshold apply to our samplers; a diffusers scheduler has its "
                              "own (clip_sample, thresholding in its config)")
@@ -168,7 +176,7 @@ def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None
     sched = D.schedule
     grid = sched.sigma_grid(steps, sigmas, spacing)
 
-    noise = Noise(per_sample_generators(generator, shape[0]), shape, device, work_dtype(device))
+    noise = make_noise(noise, per_sample_generators(generator, shape[0]), shape, device, work_dtype(device))
     cond = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
     denoise = functools.partial(D, **cond) if cond else D  # D(x, sigma): the samplers' view
     offset = 0

@@ -12,6 +12,7 @@ import torch
 from ..denoise.denoiser import as_denoiser
 from ..device import model_device_dtype
 from .api import check_cond, sample, sampling_autocast_dtype
+from .brownian import make_noise
 from .registry import resolve_sampler
 
 __all__ = ["generate", "slice_cond"]
@@ -35,7 +36,7 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
              progress: bool = False, callback: Callable | None = None, sigmas: str = "default",
              spacing: str = "trailing", sample_shape=None, guidance_scale: float | None = None,
              guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None,
-             decode: bool = True, precision: str = "no") -> torch.Tensor:
+             decode: bool = True, precision: str = "no", noise: str = "independent") -> torch.Tensor:
     """``n`` samples from a (wrapped) Denoiser (a loaded run is one), as a float32 CPU tensor of shape
     (n, *sample_shape), in the denoiser's space; a latent model (``denoiser.vae`` set: a latent run, a pipeline)
     returns images instead, each batch decoded by ``models.vae.decode_latents`` (``decode=False``: the latents).
@@ -50,7 +51,8 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
     guidance: pass a wrapped denoiser. ``precision``: "no" (default, the network's own dtype), "bf16", "fp16"
     (CUDA only) or "auto" (bf16 where the hardware has it), as :func:`diffusion_forge.sample`: only the network's
     forward runs under autocast, the samplers' arithmetic and the per-sample noise are unchanged, so a seed
-    still gives the same sample whatever the batch. The denoiser runs in eval mode (its training flag is
+    still gives the same sample whatever the batch. ``noise``: "independent" or "brownian" (one Brownian path per
+    seed, so a seed gives nearly the same image at every step count), as :func:`diffusion_forge.sample`. The denoiser runs in eval mode (its training flag is
     restored after)."""
     D = as_denoiser(denoiser)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -64,6 +66,7 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
     cond = check_cond(cond)
     device = model_device_dtype(D, device)[0]
     sampling_autocast_dtype(precision, device)                     # a bad precision fails before any work
+    make_noise(noise, [], (1, *shape), "cpu", torch.float64)        # ... and a bad noise kind
     vae = getattr(denoiser, "vae", None) if decode else None   # the outermost denoiser's (wrappers forward it)
     if vae is not None:
         from ..models.vae import decode_latents
@@ -92,7 +95,7 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
                            callback=cb if progress or callback is not None else None,
                            sampler_options=sampler_options, device=device, guidance_scale=guidance_scale,
                            guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
-                           precision=precision)
+                           precision=precision, noise=noise)
                 out.append(x.float().cpu() if vae is None else decode_latents(vae, x))
                 if progress:
                     bar.update(max(0, end - bar.n))

@@ -81,7 +81,7 @@ def sample_euler_ancestral(D, x, sigmas, noise, callback=_noop, eta=1.0, s_noise
         down, up = ancestral_split(s, s_next, eta)
         x = x + (down - s) * (x - x0) / s
         if up > 0:
-            x = x + s_noise * up * noise()
+            x = x + s_noise * up * noise(s, s_next)
     return x
 
 
@@ -100,7 +100,7 @@ def sample_ddpm(D, x, sigmas, noise, callback=_noop, variance="beta_tilde"):
         if s_next > 0:
             var = s_next**2 * (s**2 - s_next**2) / s**2 if variance == "beta_tilde" else \
                 (s**2 - s_next**2) * (1 + s_next**2) / (1 + s**2)
-            x = x + math.sqrt(var) * noise()
+            x = x + math.sqrt(var) * noise(s, s_next)
     return x
 
 
@@ -322,7 +322,7 @@ def sample_dpmpp_2m_sde(D, x, sigmas, noise, callback=_noop, eta=1.0, s_noise=1.
         if x0_old is not None and _usable_order(2, h, [h_old]) == 2:
             x = x - 0.5 * math.expm1(-h - eh) * (h / h_old) * (x0 - x0_old)
         if eta > 0:
-            x = x + s_noise * s_next * math.sqrt(-math.expm1(-2 * eh)) * noise()
+            x = x + s_noise * s_next * math.sqrt(-math.expm1(-2 * eh)) * noise(s, s_next)
         x0_old, h_old = x0, h
     return x
 
@@ -353,7 +353,7 @@ def sample_dpmpp_3m_sde(D, x, sigmas, noise, callback=_noop, eta=1.0, s_noise=1.
         elif k == 2:
             x = x + phi2 * (x0 - x0s[0]) / (hs[0] / h)
         if eta > 0:
-            x = x + s_noise * s_next * math.sqrt(-math.expm1(-2 * eta * h)) * noise()
+            x = x + s_noise * s_next * math.sqrt(-math.expm1(-2 * eta * h)) * noise(s, s_next)
         x0s, hs = [x0] + x0s[:1], [h] + hs[:1]
     return x
 

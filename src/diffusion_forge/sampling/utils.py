@@ -43,7 +43,10 @@ class Noise:
     def __init__(self, generators: Sequence[torch.Generator], shape: Sequence[int], device, dtype):
         self.generators, self.shape, self.device, self.dtype = generators, tuple(shape[1:]), device, dtype
 
-    def __call__(self) -> torch.Tensor:
+    def __call__(self, sigma: float | None = None, sigma_next: float | None = None) -> torch.Tensor:
+        """N(0, I) of the batch's shape: the prior draw (no arguments) or the noise a stochastic sampler adds on
+        its step sigma -> sigma_next (k-diffusion's ``noise_sampler(sigma, sigma_next)``); here both are fresh
+        draws, :class:`~diffusion_forge.sampling.brownian.BrownianNoise` takes the step's from one Brownian path."""
         z = torch.cat([torch.randn((1, *self.shape), generator=g, dtype=torch.float32) for g in self.generators])
         return z.to(self.device, self.dtype)
 
@@ -73,7 +76,7 @@ def start(D: Callable, noise: Noise, sigmas: torch.Tensor, up_fraction: float,
     up = up_fraction * s1
     x = x0 + math.sqrt(s1 * s1 - up * up) * z
     if up > 0:
-        x = x + up * noise()
+        x = x + up * noise(math.inf, s1)
     return x, sigmas[1:]
 
 
