@@ -231,3 +231,20 @@ def test_the_null_class_is_one_more_embedding(config):
     with torch.no_grad():
         out = model(x, torch.tensor([5.0, 5.0]), class_labels=torch.tensor([0, 3]))
     assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("tokens", [49, 64, 100])
+def test_attention_equals_torch_sdpa_on_both_paths(tokens):
+    """models.unet.attention: two matmuls up to EXPLICIT_ATTENTION_TOKENS, torch's fused kernel above; the
+    same values and gradients as F.scaled_dot_product_attention either way."""
+    import torch.nn.functional as F
+
+    from diffusion_forge.models.unet import attention
+
+    g = torch.Generator().manual_seed(tokens)
+    q, k, v = (torch.randn(3, 2, tokens, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ours, theirs = attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in (ours, theirs)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
