@@ -2,6 +2,7 @@
 
     python benchmarks/time_to_quality.py                    # 2, 5 and 10 minutes: ~35 minutes on 2 cores
     python benchmarks/time_to_quality.py --minutes 2 5 10 20 --out outputs/ttq
+    python benchmarks/time_to_quality.py --minutes 10 --no-course --out outputs/ttq-ours   # ours only
 
 Ours: one fresh run per budget, the default recipe (`dforge train`'s defaults) with ``optim.steps`` set so
 that the run fits its budget: the steps per second of the recipe are measured first (a throw-away 40-step
@@ -127,6 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="outputs/bench-ttq", help="runs, results.json and time-to-quality.png")
     p.add_argument("--course-samplers", default="euler_ancestral:eta=1.6",
                    help="candidates for the course model, ';'-separated, NAME[:OPTION=VALUE,...]")
+    p.add_argument("--no-course", action="store_true", help="ours only (e.g. to re-measure ours after a change)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +146,10 @@ def main(argv=None) -> int:
         result = score(draw(D, args.n, name, steps, options))
         rows.append({"minutes": m, "ours": {**info, **result}})
         print(f"ours {m:g} min: {info['steps']} steps, {info['wall_s']:.0f} s, {result}", flush=True)
-    course = train_course(60 * max(args.minutes), args.seed, snapshot_minutes=args.minutes)[1]["snapshots"]
+    course = [] if args.no_course else \
+        train_course(60 * max(args.minutes), args.seed, snapshot_minutes=args.minutes)[1]["snapshots"]
+    for row in rows[len(course):]:
+        row["course"] = {"steps": 0, "fd": float("nan"), "recall": float("nan")}
     for row, (D, info) in zip(rows, course):
         best = None
         for spec in args.course_samplers.split(";"):
