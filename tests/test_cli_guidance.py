@@ -74,7 +74,8 @@ def test_class_all_writes_balanced_labels_and_says_what_ran(runs, tmp_path, caps
     assert got["labels"].dtype == np.int64 and (got["labels"] == np.arange(23) % 10).all()   # sample i: i mod K
     assert got["images"].shape == (23, 8, 8, 1)
     out = capsys.readouterr().out
-    assert "euler_ancestral" in out and "2 steps" in out and "CFG w = 2" in out and "i mod 10" in out
+    from diffusion_forge.sampling.registry import default_sampler
+    assert default_sampler(2)[0] in out and "2 steps" in out and "CFG w = 2" in out and "i mod 10" in out
     assert out.rstrip().endswith(f"to {tmp_path / 'x.npz'}") and " s) to " in out          # the seconds
     got = _sample(runs["cond"], tmp_path / "y.npz", "--n", "5", "--class", "7")
     assert (got["labels"] == 7).all()

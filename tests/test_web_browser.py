@@ -58,7 +58,8 @@ def test_a_generation_completes_and_shows_its_images(page):
     page.locator("#gen-grid img").wait_for(state="visible")
     page.locator("#gen-trajectory img").wait_for(state="visible")
     status = page.locator("#gen-status textarea").input_value()
-    assert "16 images, euler_ancestral 4 steps, seeds 0..15" in status, status
+    from diffusion_forge.sampling.registry import default_sampler
+    assert f"16 images, {default_sampler(4)[0]} 4 steps, seeds 0..15" in status, status
     assert page.locator("#gen-strip img").is_visible()                         # the live trajectory strip
     page.screenshot(path=str(ARTIFACTS / "generate.png"), full_page=True)
 
