@@ -106,8 +106,8 @@ def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None
 
     schedule, prediction: for a network, default to its ``diffusion_config`` (else: schedule required,
         prediction "epsilon"); one that contradicts it, or the Denoiser's, is an error.
-    sampler: a name from ``SAMPLERS`` (``steps`` is then its number of steps), or None for the most accurate
-        sampler whose network evaluations fit in ``steps`` (then the NFE budget; ``registry.resolve_sampler``).
+    sampler: a name from ``SAMPLERS`` (``steps`` is then its number of steps), or None for the registry's
+        default for the NFE budget ``steps`` (``registry.resolve_sampler``: dpmpp_2m_sde at eta 5 today).
     sigmas, spacing: the grid, an option of every sampler: "default" (the model's own sigmas at timesteps
         spaced "leading", "trailing" or "linspace", as diffusers does), "karras" or "exponential" (between
         the schedule's sigma_min and sigma_max; spacing is then unused). The default spacing is "trailing",

@@ -54,7 +54,7 @@ def _mix(seed: int, key: int) -> int:
 class BrownianNoise(Noise):
     """:class:`~.utils.Noise` whose step noise comes from one Brownian path per sample (see the module).
 
-    ``noise()`` (the prior draw x_T) is the draw as :class:`Noise` makes; the tree seeds are drawn from
+    ``noise()`` (the prior draw x_T) is the same draw :class:`Noise` makes; the tree seeds are drawn from
     each sample's generator after it, on the first step, so an ODE and an SDE run from one seed start alike."""
 
     def __init__(self, generators: Sequence[torch.Generator], shape: Sequence[int], device, dtype):
@@ -110,9 +110,9 @@ class BrownianNoise(Noise):
         if not rho_next > rho:
             raise ValueError(f"a Brownian step needs sigma_next < sigma, got {sigma} -> {sigma_next}")
         rho_lo, rho_hi = math.exp(U_LO), math.exp(U_HI)
-        if rho_next <= rho_lo or rho >= rho_hi:          # wholly beyond the tree (sigma > 1e5 or < 1e-5, or a
-            return super().__call__()                    # step to 0, where no sampler adds noise): fresh N(0, I)
-        rho_next = min(rho_next, rho_hi)
+        if rho_next <= rho_lo or rho >= rho_hi:          # wholly beyond the tree (sigma > 1e5, or < 1e-5 already):
+            return super().__call__()                    # a fresh N(0, I)
+        rho_next = min(rho_next, rho_hi)                 # a step to sigma = 0 (no sampler adds noise there) ends at rho_hi
         lo, hi = self.brownian(rho), self.brownian(rho_next)
         return ((hi - lo) / math.sqrt(rho_next - rho)).to(self.device, self.dtype)
 

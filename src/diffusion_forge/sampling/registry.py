@@ -2,8 +2,8 @@
 
 ``SAMPLERS[name]`` is a :class:`SamplerSpec`: the function, its network evaluations for n steps (NFE), its
 order and its options with their defaults. :func:`resolve_sampler` turns what a caller asked for (a name or
-None, a step count, options) into what runs: None picks the most accurate sampler whose NFE fits ``steps``
-(then the NFE budget; ``DEFAULT_SAMPLERS``), options are checked against the sampler's own.
+None, a step count, options) into what runs: None picks the default sampler for the NFE budget ``steps``
+(``DEFAULT_SAMPLERS``, chosen on trained networks), options are checked against the sampler's own.
 
 Two tables, measured two ways:
 
