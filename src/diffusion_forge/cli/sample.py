@@ -38,8 +38,8 @@ def register(sub) -> None:
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--sampler", default=None,
                    help="sampler name (euler, euler_ancestral, ddim, dpmpp_2m, dpmpp_2m_sde, unipc, ...; `auto`: the "
-                        "registry's default for --steps network evaluations, chosen on trained networks); default: the run's own (its config "
-                        "sample.sampler, sample.options)")
+                        "registry's default for --steps network evaluations, chosen on trained networks); default: "
+                        "the run's own (its config sample.sampler, sample.options)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--sampler-options", metavar="KEY=VALUE,...", default=None,
                    help="options of the sampler, e.g. eta=0.5,s_noise=1.0 (each sampler's own; checked before "

@@ -35,7 +35,7 @@ import torch
 
 from .utils import Noise
 
-__all__ = ["BrownianNoise", "NOISE_KINDS", "make_noise"]
+__all__ = ["BrownianNoise", "NOISE_KINDS", "check_noise", "make_noise"]
 
 NOISE_KINDS = ("independent", "brownian")
 U_LO, U_HI = math.log(1e-10), math.log(1e10)      # the tree's range in u = log SNR
@@ -117,11 +117,17 @@ class BrownianNoise(Noise):
         return ((hi - lo) / math.sqrt(rho_next - rho)).to(self.device, self.dtype)
 
 
-def make_noise(kind: str, generators: Sequence[torch.Generator], shape, device, dtype) -> Noise:
-    """The per-sample noise of a sampling run: ``"independent"`` (fresh per step, as diffusers) or
-    ``"brownian"`` (one Brownian path per seed, :class:`BrownianNoise`)."""
+def check_noise(kind: str) -> str:
+    """``kind`` if it is one of NOISE_KINDS, else a ValueError naming them."""
     if kind not in NOISE_KINDS:
         raise ValueError(f"unknown noise {kind!r}; choose one of: independent (fresh noise at every step, as "
                          "diffusers' schedulers), brownian (one Brownian path per seed: a seed gives nearly the same "
                          "image at every step count, as k-diffusion's BrownianTreeNoiseSampler)")
-    return (BrownianNoise if kind == "brownian" else Noise)(generators, shape, device, dtype)
+    return kind
+
+
+def make_noise(kind: str, generators: Sequence[torch.Generator], shape, device, dtype) -> Noise:
+    """The per-sample noise of a sampling run: ``"independent"`` (fresh per step, as diffusers) or
+    ``"brownian"`` (one Brownian path per seed, :class:`BrownianNoise`)."""
+    cls = BrownianNoise if check_noise(kind) == "brownian" else Noise
+    return cls(generators, shape, device, dtype)

@@ -12,7 +12,7 @@ import torch
 from ..denoise.denoiser import as_denoiser
 from ..device import model_device_dtype
 from .api import check_cond, sample, sampling_autocast_dtype
-from .brownian import make_noise
+from .brownian import check_noise
 from .registry import resolve_sampler
 
 __all__ = ["generate", "slice_cond"]
@@ -52,8 +52,8 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
     (CUDA only) or "auto" (bf16 where the hardware has it), as :func:`diffusion_forge.sample`: only the network's
     forward runs under autocast, the samplers' arithmetic and the per-sample noise are unchanged, so a seed
     still gives the same sample whatever the batch. ``noise``: "independent" or "brownian" (one Brownian path per
-    seed, so a seed gives nearly the same image at every step count), as :func:`diffusion_forge.sample`. The denoiser runs in eval mode (its training flag is
-    restored after)."""
+    seed, so a seed gives nearly the same image at every step count), as :func:`diffusion_forge.sample`. The
+    denoiser runs in eval mode (its training flag is restored after)."""
     D = as_denoiser(denoiser)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -66,7 +66,7 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
     cond = check_cond(cond)
     device = model_device_dtype(D, device)[0]
     sampling_autocast_dtype(precision, device)                     # a bad precision fails before any work
-    make_noise(noise, [], (1, *shape), "cpu", torch.float64)        # ... and a bad noise kind
+    check_noise(noise)                                              # ... and a bad noise kind
     vae = getattr(denoiser, "vae", None) if decode else None   # the outermost denoiser's (wrappers forward it)
     if vae is not None:
         from ..models.vae import decode_latents

@@ -95,24 +95,13 @@ SAMPLERS: dict[str, SamplerSpec] = {
 }
 
 # What sampler=None runs for an NFE budget (the largest key <= it): (name, options), on the default grid
-# (sigmas="default", spacing="trailing"), chosen on a trained network by benchmarks/samplers_trained.py: the
-# default MNIST recipe trained for 10 minutes, FD-Digits@1k (docs/samplers.md, "On trained networks").
-# 5 NFE: euler_ancestral with eta >= 1.2 31.0 (eta caps at one step's worth of noise there), dpmpp_2m_sde 32.3,
-# the best ODE solver (dpmpp_2m) 44.6; 10 NFE: dpmpp_2m_sde 22.6 at eta 1, dpmpp_3m_sde 24.8, euler_ancestral 26.2
-# (eta 1) to 29.1 (eta 1.4), dpmpp_2m 34.4; 20 NFE: euler_ancestral eta 1.2 17.9 and 1.4 18.0 (within seed noise,
-# 0.6; 1.4 is also the best measured under guidance), eta 1 19.4, dpmpp_2m_sde 20.1, heun 28.8. The Karras and
-# exponential grids were worse for every one of the five best (their steps crowd the ends of the schedule).
-# Session 10: DPM-Solver++(2M) SDE with its noise scale eta well above 1 beats all of that at every budget. Each
-# step keeps e^(-eta h) of the state's own noise and draws the rest fresh, so at large eta a step is nearly
-# "denoise, then re-noise to the next level", and a trained network's errors do not pile up along the path.
-# FD-Digits@1k at 20 NFE on the 10-minute runs before / after the attention speed-up (2,321 / 3,126 steps),
-# seeds 0-999 | 5000-5999:
-#   eta 1.4: 17.3 | 18.0 and 14.3;  eta 1.8: 15.2 | 16.9 and 13.6;  eta 3: 13.5 and 10.9;
-#   eta 4: 13.5 | 12.0 and 10.2 | 9.9;  eta 5: - | 11.6 and - | 8.9;  eta 6: 12.4 | 11.1 and 9.5 | 9.8;
-#   eta 10: 12.5 and 11.4.  euler_ancestral at eta 1.4, the default before: 18.0 | 17.8 and 15.3.
-# At 10 NFE eta 4-10 are within 0.6 of each other (14.0-14.6 and 18.7-19.0; eta 1.4: 18.0 and 20.8). At 5 NFE eta
-# 5 gives 21.0 and 27.1 (euler_ancestral at eta 1.4: 24.3 and 31.0). Recall stays within 0.05 of the real
-# images' up to eta 6 (0.83-0.89); at eta 10 it falls (0.84). So one default for every budget: eta 5.
+# (sigmas="default", spacing="trailing"), chosen on trained networks by benchmarks/samplers_trained.py and the
+# screens of docs/samplers.md ("On trained networks", "A larger eta"): FD-Digits@1k of the MNIST default recipe
+# trained for 10 minutes. DPM-Solver++(2M) SDE with eta well above 1 keeps e^(-eta h) of the state's own noise
+# per step and draws the rest fresh, nearly "denoise, then re-noise", so a trained network's errors do not pile
+# up along the path. At 20 NFE on two such runs, eta 5: 13.0 / 11.6 and 10.5 / 8.9 (two draws of seeds), against
+# 18.0 / 17.8 and 15.3 for euler_ancestral at eta 1.4 (the default before) and 24.8-29.6 for the ODE solvers; it
+# also wins at 5 and 10 NFE. eta 4-8 are within seed noise; recall falls from eta 10.
 DEFAULT_SAMPLERS: dict[int, tuple[str, dict]] = {
     1: ("dpmpp_2m_sde", {"eta": 5.0}),
 }

@@ -131,7 +131,7 @@ class SampleConfig:
                                      "NFE budget sample.steps, sampling.registry.DEFAULT_SAMPLERS, chosen on trained "
                                      "networks)", "sampler")
     steps: int = knob(20, "its steps", "sample_steps")
-    options: dict = knob({}, "its options, over the sampler's defaults (and the default sampler's, e.g. {eta: 1.4}; "
+    options: dict = knob({}, "its options, over the sampler's defaults (and the default sampler's, e.g. {eta: 5}; "
                              "eta > 1: more fresh noise)", "sampler_options")
     guidance_scale: float | None = knob(None, "classifier-free guidance scale w of the grids and of `dforge sample` "
                                               "when none is given: pred = pred_uncond + w (pred_cond - pred_uncond), "
