@@ -172,7 +172,7 @@ def test_sample_grid_options_and_sampler_options_reach_the_sampler(image_run, tm
     assert "sampling" in capsys.readouterr().err                             # the progress bar (tqdm, stderr)
 
 
-def test_sample_noise_brownian_reaches_the_stochastic_samplers_only(image_run, tmp_path):
+def test_sample_noise_brownian_reaches_the_stochastic_samplers_only(image_run, tmp_path, capsys):
     def images(*flags):
         out = tmp_path / f"n{len(list(tmp_path.iterdir()))}.npz"
         assert main(["sample", str(image_run), "--n", "3", "--steps", "3", "--out", str(out), "--no-progress",
@@ -183,6 +183,9 @@ def test_sample_noise_brownian_reaches_the_stochastic_samplers_only(image_run, t
     tree = images("--sampler", "euler_ancestral", "--noise", "brownian")
     assert (tree != fresh).any() and (images("--sampler", "euler_ancestral", "--noise", "brownian") == tree).all()
     assert (images("--sampler", "ddim", "--noise", "brownian") == images("--sampler", "ddim")).all()  # no fresh noise
+    assert main(["sample", str(image_run), "--n", "2", "--steps", "2", "--noise", "brownian", "--no-progress",
+                 "--out", str(tmp_path / "t.png")]) == 0
+    assert "Brownian noise" in capsys.readouterr().out                       # it says what ran
 
 
 def test_sample_grids_are_titled_and_raw_on_request(image_run, tmp_path):

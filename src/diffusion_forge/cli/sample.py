@@ -261,13 +261,15 @@ def run(args) -> int:
         write_npz(out, arrays)
     else:
         what = "" if classes.spec in (None, "all") else f", class {classes.spec}"
-        title = (f"{Path(args.run).resolve().name}: step {trained.step}, {sampler} {steps} steps{what}"
+        brownian = ", Brownian noise" if args.noise == "brownian" else ""
+        title = (f"{Path(args.run).resolve().name}: step {trained.step}, {sampler} {steps} steps{brownian}{what}"
                  f"{guidance_title(guidance)}, seeds {args.seed}..{args.seed + args.n - 1}")
         rows = classes.row_labels(args.n) if prompts is None else [repr(p) for p in prompts]
         save_samples(x, out, title=title, raw=args.raw_grid, row_labels=rows)
     weights = "trained" if args.no_ema else "EMA"
     print(f"wrote {args.n} samples of {args.run} (step {trained.step}, {weights} weights, {sampler}"
-          f"{' ' + str(options) if options else ''}, {steps} steps; {guidance['text']}; "
+          f"{' ' + str(options) if options else ''}, {steps} steps"
+          f"{', Brownian noise' if args.noise == 'brownian' else ''}; {guidance['text']}; "
           f"{'float32' if precision == 'no' else precision + ' autocast'}; {seconds:.1f} s) to {out}")
     return 0
 
