@@ -317,8 +317,10 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides (repeatable)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch (default: the recipe's)")
     p.add_argument("--precisions", default="no,bf16", help="comma-separated: no, bf16, fp16 (CUDA)")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
-    p.add_argument("--warmup", type=int, default=3, help="untimed training steps first (compile happens here)")
+    p.add_argument("--steps", type=int, default=40, help="timed training steps per variant")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed training steps first: a process's first steps run slower while oneDNN builds its "
+                        "kernels (compile happens here too)")
     p.add_argument("--channels-last", action="store_true", help="also time the model in torch.channels_last")
     p.add_argument("--compile", action="store_true", help="also time the network under torch.compile")
     p.add_argument("--sample-batch", type=int, default=256, help="batch of the sampling timings (and of --fd)")
