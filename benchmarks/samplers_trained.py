@@ -8,8 +8,8 @@
 Runs are trained beforehand by ``dforge train``. MNIST runs (1x28x28): every sampler on its default grid (the
 model's sigmas, trailing spacing) at each NFE budget, at the largest step count whose NFE fits
 (``SamplerSpec.steps_for``; the NFE is then counted on the network), stochastic ones at their defaults plus
-euler_ancestral at eta 1.2-1.8, dpmpp_2m_sde at eta 1.4-8 (the default is eta 5) and iPNDM with afs +
-free_last_step; the ``--top`` best at 10 NFE again on the Karras and exponential grids. Colour runs (3 channels, e.g. emoji at 32 px): the
+euler_ancestral at eta 1.2-1.8, dpmpp_2m_sde at eta 1.4-8, the same with no noise above sigma s_tmax = 3 or 5
+(the default is eta 5, s_tmax 5) and iPNDM with afs + free_last_step; the ``--top`` best at 10 NFE again on the Karras and exponential grids. Colour runs (3 channels, e.g. emoji at 32 px): the
 ``--top`` best of the MNIST runs in --out's results.json or --ranking's (else the full sweep). Every run also
 gets the registry's current default per budget and two references at ``--reference-steps`` NFE:
 euler_ancestral (eta 1) and the best stochastic setting. Same per-sample seeds (sample i: seed i) in every row.
@@ -90,6 +90,8 @@ def sweep_variants(selected: list[str] | None) -> list[dict]:
     or NAME:OPTIONS (that one setting) restrict it."""
     extra = [("euler_ancestral", {"eta": eta}) for eta in (1.2, 1.4, 1.6, 1.8)]   # more fresh noise than DDPM's
     extra += [("dpmpp_2m_sde", {"eta": eta}) for eta in (1.4, 3.0, 5.0, 8.0)]   # eta > 1: nearly denoise + re-noise
+    extra += [("dpmpp_2m_sde", {"eta": eta, "s_tmax": top}) for eta, top in ((5.0, 3.0), (5.0, 5.0), (8.0, 5.0))]
+    extra += [("euler_ancestral", {"eta": 1.4, "s_tmax": 5.0})]       # deterministic above sigma s_tmax
     extra += [("ipndm", {"afs": True, "free_last_step": True})]
     pool = [variant(n) for n in SAMPLERS] + [variant(n, o) for n, o in extra]
     if selected:

@@ -71,13 +71,15 @@ class Scorer:
 
 
 def recipe_rate(seed: int) -> float:
-    """Optimiser steps per second of the default recipe, from steps 20-40 of a throw-away run."""
+    """Optimiser steps per second of the default recipe, from steps 20-60 of a throw-away run (a process's first
+    steps run slower while oneDNN builds its kernels, and 40 steps average out more of the machine's noise)."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = merge_config(flags={"data.source": "mnist", "run.seed": seed, "run.sample_every": 0,
-                                  "optim.steps": 40, "run.log_every": 20, "run.guide_snapshot_step": 0})
+                                  "optim.steps": 60, "run.log_every": 20, "run.guide_snapshot_step": 0})
         Trainer(cfg, Path(tmp) / "probe", progress=False).fit()
         lines = [json.loads(s) for s in (Path(tmp) / "probe" / "metrics.jsonl").read_text().splitlines()]
-    return lines[-1]["images_per_s"] / cfg.optim.batch_size
+    seconds = sum(cfg.optim.batch_size * 20 / line["images_per_s"] for line in lines[-2:])   # two blocks of 20
+    return 40 / seconds
 
 
 def train_ours(out: Path, minutes: float, rate: float, seed: int) -> tuple[Denoiser, dict]:

@@ -382,7 +382,7 @@ def test_resolve_sampler_is_the_one_rule(monkeypatch):
     assert resolve_sampler(None, 10, None) == ("ipndm", 10, {"afs": False, "free_last_step": False})
     assert resolve_sampler(None, 12, {"afs": True}) == ("ipndm", 13, {"afs": True, "free_last_step": False})
     assert resolve_sampler("heun", 5, {"euler_start": False, "s_noise": None}) == ("heun", 5, {"euler_start": False})
-    assert resolve_sampler("euler_ancestral", 3, {"eta": 1.8})[2] == {"eta": 1.8, "s_noise": 1.0}
+    assert resolve_sampler("euler_ancestral", 3, {"eta": 1.8})[2] == {"eta": 1.8, "s_noise": 1.0, "s_tmax": math.inf}
     with pytest.raises(ValueError, match="sampler 'dpmpp_2m' takes no option 'eta'; its options: none"):
         resolve_sampler("dpmpp_2m", 5, {"eta": 1.0})
     with pytest.raises(ValueError, match=r"no option 'order'; its options: afs \(default False\), free_last_step"):

@@ -107,7 +107,7 @@ def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None
     schedule, prediction: for a network, default to its ``diffusion_config`` (else: schedule required,
         prediction "epsilon"); one that contradicts it, or the Denoiser's, is an error.
     sampler: a name from ``SAMPLERS`` (``steps`` is then its number of steps), or None for the registry's
-        default for the NFE budget ``steps`` (``registry.resolve_sampler``: dpmpp_2m_sde at eta 5 today).
+        default for the NFE budget ``steps`` (``registry.resolve_sampler``: dpmpp_2m_sde at eta 5, s_tmax 5 today).
     sigmas, spacing: the grid, an option of every sampler: "default" (the model's own sigmas at timesteps
         spaced "leading", "trailing" or "linspace", as diffusers does), "karras" or "exponential" (between
         the schedule's sigma_min and sigma_max; spacing is then unused). The default spacing is "trailing",

@@ -17,6 +17,7 @@ Two tables, measured two ways:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -77,11 +78,15 @@ def _pndm_nfe(n, o):  # four evaluations on each Runge-Kutta step
     return n + 3 * max(0, min(first + 3, n - 1) - first)
 
 
+def _sde_options() -> dict:   # the stochastic samplers' eta, noise scale and top of the noisy range (eta_at)
+    return {"eta": 1.0, "s_noise": 1.0, "s_tmax": math.inf}
+
+
 SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(sample_ddpm, _one_per_step, None, {"variance": "beta_tilde"}, stochastic=True),
     "ddim": SamplerSpec(sample_euler_ancestral, _one_per_step, 1, {"eta": 0.0, "s_noise": 1.0}),
     "euler": SamplerSpec(sample_euler, _one_per_step, 1),
-    "euler_ancestral": SamplerSpec(sample_euler_ancestral, _one_per_step, 1, {"eta": 1.0, "s_noise": 1.0}, True),
+    "euler_ancestral": SamplerSpec(sample_euler_ancestral, _one_per_step, 1, _sde_options(), True),
     "heun": SamplerSpec(sample_heun, _two_stage_nfe, 2, {"euler_start": True}),
     "dpm_2": SamplerSpec(sample_dpm_2, _two_stage_nfe, 2, {"euler_start": True}),
     "lms": SamplerSpec(sample_lms, _one_per_step, 4, {"order": 4}),
@@ -89,8 +94,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "ipndm": SamplerSpec(sample_ipndm, _ipndm_nfe, 2, {"afs": False, "free_last_step": False}),
     "deis": SamplerSpec(sample_deis, _one_per_step, 3, {"order": 3, "lower_order_final": True}),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, _one_per_step, 2),
-    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, _one_per_step, 2, {"eta": 1.0, "s_noise": 1.0}, True),
-    "dpmpp_3m_sde": SamplerSpec(sample_dpmpp_3m_sde, _one_per_step, 2, {"eta": 1.0, "s_noise": 1.0}, True),
+    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, _one_per_step, 2, _sde_options(), True),
+    "dpmpp_3m_sde": SamplerSpec(sample_dpmpp_3m_sde, _one_per_step, 2, _sde_options(), True),
     "unipc": SamplerSpec(sample_unipc, _one_per_step, 3, {"order": 2, "variant": "bh2"}),
 }
 
@@ -101,9 +106,13 @@ SAMPLERS: dict[str, SamplerSpec] = {
 # per step and draws the rest fresh, nearly "denoise, then re-noise", so a trained network's errors do not pile
 # up along the path. At 20 NFE on two such runs, eta 5: 13.0 / 11.6 and 10.5 / 8.9 (two draws of seeds), against
 # 18.0 / 17.8 and 15.3 for euler_ancestral at eta 1.4 (the default before) and 24.8-29.6 for the ODE solvers; it
-# also wins at 5 and 10 NFE. eta 4-8 are within seed noise; recall falls from eta 10.
+# also wins at 5 and 10 NFE. eta 4-8 are within seed noise; recall falls from eta 10. Steps that start above
+# sigma 5 stay deterministic (s_tmax, EDM's bound on stochasticity): re-noising there lets the digit drift with
+# the network's errors (digit shares 5.7-16% at 10 NFE, 6.2-15.3% at 20); with the ODE above sigma 5 they stay
+# 7.5-14.5%, and 10 NFE falls from 14.0 / 18.7 to 9.7 / 12.4 on the same two runs, 20 NFE from 10.5 / 13.0 to
+# 8.7 / 11.5 (docs/samplers.md, "Noise only below s_tmax").
 DEFAULT_SAMPLERS: dict[int, tuple[str, dict]] = {
-    1: ("dpmpp_2m_sde", {"eta": 5.0}),
+    1: ("dpmpp_2m_sde", {"eta": 5.0, "s_tmax": 5.0}),
 }
 
 # The most accurate deterministic sampler for an NFE budget on the default grid on an exact denoiser, as

@@ -28,6 +28,15 @@ def _noop(*args):
     pass
 
 
+def eta_at(eta: float, s: float, s_tmax: float) -> float:
+    """The eta of a step that starts at sigma s: ``eta`` where s <= s_tmax, else 0, a deterministic step (the
+    S_tmax bound on stochasticity of Karras et al. 2022, Algorithm 2). At a high noise level a denoiser's
+    errors act on the coarse content (which digit, which layout): fresh noise there lets the sample drift with
+    them, while the probability-flow ODE carries the prior's mass along (docs/samplers.md, "Noise only below
+    s_tmax")."""
+    return eta if s <= s_tmax else 0.0
+
+
 def ancestral_split(s: float, s_next: float, eta: float) -> tuple[float, float]:
     """(sigma_down, sigma_up) for a step s -> s_next that re-injects fresh noise of std sigma_up:
     sigma_up = eta * s_next * sqrt(1 - s_next^2 / s^2) is DDIM's sigma_eta (Song et al. 2021, eq. 16) in
@@ -71,14 +80,15 @@ def sample_euler(D, x, sigmas, noise=None, callback=_noop):
 
 
 @torch.no_grad()
-def sample_euler_ancestral(D, x, sigmas, noise, callback=_noop, eta=1.0, s_noise=1.0):
+def sample_euler_ancestral(D, x, sigmas, noise, callback=_noop, eta=1.0, s_noise=1.0, s_tmax=math.inf):
     """Ancestral sampling: an Euler step down to sigma_down, then fresh noise of std sigma_up brings the
     level to s_next (k-diffusion's euler_ancestral). It equals DDIM with this eta (Song et al. 2021):
-    x' = x0 + sigma_down eps_hat + sigma_up z; the ``ddim`` sampler is this function with eta = 0."""
+    x' = x0 + sigma_down eps_hat + sigma_up z; the ``ddim`` sampler is this function with eta = 0.
+    Steps that start above ``s_tmax`` are deterministic (:func:`eta_at`)."""
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = D(x, s)
         callback(i, x, s, x0)
-        down, up = ancestral_split(s, s_next, eta)
+        down, up = ancestral_split(s, s_next, eta_at(eta, s, s_tmax))
         x = x + (down - s) * (x - x0) / s
         if up > 0:
             x = x + s_noise * up * noise(s, s_next)
@@ -304,11 +314,12 @@ def sample_dpmpp_2m(D, x, sigmas, noise=None, callback=_noop):
 
 
 @torch.no_grad()
-def sample_dpmpp_2m_sde(D, x, sigmas, noise, callback=_noop, eta=1.0, s_noise=1.0):
+def sample_dpmpp_2m_sde(D, x, sigmas, noise, callback=_noop, eta=1.0, s_noise=1.0, s_tmax=math.inf):
     """DPM-Solver++(2M) SDE (Lu et al. 2022b, sec. 5 / Gonzalez et al. 2023; k-diffusion's midpoint form):
     the exact solution of the linear part of the reverse SDE scaled by eta, x' = (s_next / s) e^(-eta h) x
     + (1 - e^(-(1+eta) h)) D_hat + s_next sqrt(1 - e^(-2 eta h)) z, with the 2M correction of D.
-    eta = 0 gives the ODE solver :func:`sample_dpmpp_2m`."""
+    eta = 0 gives the ODE solver :func:`sample_dpmpp_2m`; steps that start above ``s_tmax`` take eta = 0
+    (:func:`eta_at`)."""
     x0_old, h_old = None, None
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = D(x, s)
@@ -317,21 +328,22 @@ def sample_dpmpp_2m_sde(D, x, sigmas, noise, callback=_noop, eta=1.0, s_noise=1.
             x = x0
             continue
         h = _lam(s_next) - _lam(s)
-        eh = eta * h
+        eh = eta_at(eta, s, s_tmax) * h
         x = s_next / s * math.exp(-eh) * x - math.expm1(-h - eh) * x0
         if x0_old is not None and _usable_order(2, h, [h_old]) == 2:
             x = x - 0.5 * math.expm1(-h - eh) * (h / h_old) * (x0 - x0_old)
-        if eta > 0:
+        if eh > 0:
             x = x + s_noise * s_next * math.sqrt(-math.expm1(-2 * eh)) * noise(s, s_next)
         x0_old, h_old = x0, h
     return x
 
 
 @torch.no_grad()
-def sample_dpmpp_3m_sde(D, x, sigmas, noise, callback=_noop, eta=1.0, s_noise=1.0):
+def sample_dpmpp_3m_sde(D, x, sigmas, noise, callback=_noop, eta=1.0, s_noise=1.0, s_tmax=math.inf):
     """DPM-Solver++(3M) SDE (Lu et al. 2022b's third-order multistep, with the SDE noise of
     :func:`sample_dpmpp_2m_sde`): D is extrapolated with first and second divided differences in lambda,
-    weighted by phi_2 = (e^-H - 1)/H + 1 and phi_3 = phi_2 / H - 1/2, H = (1 + eta) h. eta = 0 is DPM-Solver++(3M)."""
+    weighted by phi_2 = (e^-H - 1)/H + 1 and phi_3 = phi_2 / H - 1/2, H = (1 + eta) h. eta = 0 is DPM-Solver++(3M);
+    steps that start above ``s_tmax`` take eta = 0 (:func:`eta_at`)."""
     x0s, hs = [], []
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = D(x, s)
@@ -340,8 +352,9 @@ def sample_dpmpp_3m_sde(D, x, sigmas, noise, callback=_noop, eta=1.0, s_noise=1.
             x = x0
             continue
         h = _lam(s_next) - _lam(s)
-        H = (1 + eta) * h
-        x = s_next / s * math.exp(-eta * h) * x - math.expm1(-H) * x0
+        e = eta_at(eta, s, s_tmax)
+        H = (1 + e) * h
+        x = s_next / s * math.exp(-e * h) * x - math.expm1(-H) * x0
         phi2 = math.expm1(-H) / H + 1
         k = _usable_order(3, h, hs)
         if k == 3:
@@ -352,8 +365,8 @@ def sample_dpmpp_3m_sde(D, x, sigmas, noise, callback=_noop, eta=1.0, s_noise=1.
             x = x + phi2 * d1 - (phi2 / H - 0.5) * d2
         elif k == 2:
             x = x + phi2 * (x0 - x0s[0]) / (hs[0] / h)
-        if eta > 0:
-            x = x + s_noise * s_next * math.sqrt(-math.expm1(-2 * eta * h)) * noise(s, s_next)
+        if e > 0:
+            x = x + s_noise * s_next * math.sqrt(-math.expm1(-2 * e * h)) * noise(s, s_next)
         x0s, hs = [x0] + x0s[:1], [h] + hs[:1]
     return x
 
