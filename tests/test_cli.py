@@ -274,3 +274,19 @@ def test_warnings_print_as_one_clean_line(monkeypatch, capsys):
     assert main(["datasets"]) == 0
     err = capsys.readouterr().err
     assert err == "dforge datasets: warning: skipping photos/broken.png: cannot identify image file\n"
+
+
+def test_sample_commands_pick_the_conditional_default_for_conditional_runs():
+    """dforge sample / eval / viz resolve a run's sampler through run_settings: a class or text run that names no
+    sampler gets CONDITIONAL_SAMPLERS (noise at every level), an unconditional one DEFAULT_SAMPLERS (s_tmax)."""
+    import types
+
+    from diffusion_forge.cli.sample import run_settings
+    from diffusion_forge.sampling.registry import SAMPLERS, default_sampler
+
+    for kind, conditional in (("class", True), ("text", True), ("none", False)):
+        trained = types.SimpleNamespace(config={"sample": {"sampler": None, "steps": 20, "options": {}},
+                                                "conditioning": {"kind": kind}})
+        name, options = default_sampler(20, conditional)
+        assert run_settings(trained, None, None, {}) == (name, 20, {**SAMPLERS[name].options, **options})
+    assert run_settings(trained, None, None, {})[2]["s_tmax"] < float("inf")   # unconditional: a finite top

@@ -277,6 +277,30 @@ def test_default_sampler_fits_the_budget_and_reads_the_table():
         assert 1 <= model.calls <= budget
 
 
+def test_samples_with_a_condition_get_the_conditional_default():
+    """sampler=None with a cond (class labels, a prompt) takes CONDITIONAL_SAMPLERS, without one DEFAULT_SAMPLERS;
+    df.sample reads it from the cond it is given, bit for bit as if the sampler had been named."""
+    assert default_sampler(20, conditional=True) == registry.CONDITIONAL_SAMPLERS[1]
+    assert default_sampler(20) == DEFAULT_SAMPLERS[1] != registry.CONDITIONAL_SAMPLERS[1]
+
+    class Labelled(torch.nn.Module):      # a network that takes class labels and ignores them
+        def __init__(self):
+            super().__init__()
+            self.inner = Mixture(SMALL)
+
+        def forward(self, x_t, t, class_labels=None):
+            return self.inner(x_t, t)
+    model, labels = Labelled(), {"class_labels": torch.zeros(4, dtype=torch.long)}
+    for cond, conditional in ((labels, True), (None, False)):
+        name, options = default_sampler(10, conditional=conditional)
+        auto = df.sample(model, SMALL, (4, 3), steps=10, generator=[gen(i) for i in range(4)], cond=cond)
+        named = df.sample(model, SMALL, (4, 3), sampler=name, steps=10, sampler_options=options,
+                          generator=[gen(i) for i in range(4)], cond=cond)
+        other = df.sample(model, SMALL, (4, 3), sampler=name, steps=10, generator=[gen(i) for i in range(4)],
+                          sampler_options=default_sampler(10, conditional=not conditional)[1], cond=cond)
+        assert torch.equal(auto, named) and not torch.allclose(auto, other)
+
+
 def test_options_given_with_no_sampler_override_the_defaults_options():
     name, options = default_sampler(20)
     key, default = next((k, v) for k, v in SAMPLERS[name].options.items() if isinstance(v, float))

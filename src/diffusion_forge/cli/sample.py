@@ -117,13 +117,14 @@ def check_samplers(names, auto: bool = True) -> None:
                         f"{', '.join(known)}{' (or auto)' * auto}")
 
 
-def resolve(sampler: str | None, steps: int, options: dict) -> tuple[str, int, dict]:
+def resolve(sampler: str | None, steps: int, options: dict, conditional: bool = False) -> tuple[str, int, dict]:
     """(sampler, steps, options) as sampling will use them; a wrong option name or type is refused here,
-    before any sampling work (None: the toolkit's rule picks the sampler for a budget of ``steps``)."""
+    before any sampling work (None: the toolkit's rule picks the sampler for a budget of ``steps``, and for
+    samples with a condition when ``conditional``)."""
     from ..sampling.registry import SAMPLERS, resolve_sampler
 
     check_samplers([sampler])
-    sampler, steps, options = resolve_sampler(sampler, steps, dict(options))
+    sampler, steps, options = resolve_sampler(sampler, steps, dict(options), conditional)
     defaults = SAMPLERS[sampler].options
     for key, value in options.items():
         if key not in defaults:
@@ -151,7 +152,7 @@ def run_settings(trained, sampler: str | None, steps: int | None, options: dict)
         sampler, options = own["sampler"], {**(own.get("options") or {}), **options}
     elif sampler == "auto":
         sampler = None
-    return resolve(sampler, steps or own["steps"], options)
+    return resolve(sampler, steps or own["steps"], options, trained.config["conditioning"]["kind"] != "none")
 
 
 def check_precision(precision: str, device) -> str:

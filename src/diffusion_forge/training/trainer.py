@@ -54,7 +54,8 @@ class Trainer:
         cfg.validate()
         self.cfg, self.run_dir, self.progress, self.max_seconds = cfg, Path(run_dir), progress, max_seconds
         # the grids' sampler, checked now rather than after the last step
-        self.sampler = resolve_sampler(cfg.sample.sampler, cfg.sample.steps, cfg.sample.options)
+        self.sampler = resolve_sampler(cfg.sample.sampler, cfg.sample.steps, cfg.sample.options,
+                                       conditional=cfg.conditioning.kind != "none")
         self.acc = accelerator or make_accelerator(cfg.run.device)
         self.device = self.acc.device
         self.world, self.rank = self.acc.num_processes, self.acc.process_index

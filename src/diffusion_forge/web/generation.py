@@ -128,8 +128,8 @@ def check_request(D, sampler=None, steps=None, seed=0, n=16, class_=None, guidan
         sampler = None
     if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from: {', '.join(SAMPLERS)} (or auto)")
-    sampler, steps, options = resolve_sampler(sampler, steps, options)
     K = facts["num_classes"]
+    sampler, steps, options = resolve_sampler(sampler, steps, options, conditional=bool(K or facts["text"]))
     labels = None
     if class_ not in (None, "", "all", "none"):
         if not K:
