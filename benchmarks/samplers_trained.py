@@ -9,10 +9,12 @@ Runs are trained beforehand by ``dforge train``. MNIST runs (1x28x28): every sam
 model's sigmas, trailing spacing) at each NFE budget, at the largest step count whose NFE fits
 (``SamplerSpec.steps_for``; the NFE is then counted on the network), stochastic ones at their defaults plus
 euler_ancestral at eta 1.2-1.8, dpmpp_2m_sde at eta 1.4-8, the same with no noise above sigma s_tmax = 3 or 5
-(the default is eta 5, s_tmax 5) and iPNDM with afs + free_last_step; the ``--top`` best at 10 NFE again on the Karras and exponential grids. Colour runs (3 channels, e.g. emoji at 32 px): the
+(the default is eta 5, s_tmax 5) and iPNDM with afs + free_last_step; the ``--top`` best at 10 NFE again on
+the Karras and exponential grids. Colour runs (3 channels, e.g. emoji at 32 px): the
 ``--top`` best of the MNIST runs in --out's results.json or --ranking's (else the full sweep). Every run also
 gets the registry's current default per budget and up to three references at ``--reference-steps`` NFE:
-euler_ancestral (eta 1), the current default and the best stochastic setting at the largest budget. Same per-sample seeds (sample i: seed i) in every row.
+euler_ancestral (eta 1), the current default and the best stochastic setting at the largest budget. Same
+per-sample seeds (sample i: seed i) in every row.
 FD = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) between Gaussians fitted to features: FD-Digits
 against the MNIST test set, FD-EffNet against the whole colour data set; precision / recall: k = 3
 nearest-neighbour manifolds against n real images. Targets: FD at 10 NFE <= 1.2 x, at 20 NFE <= 1.1 x, the best

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 FORMAT_VERSION = 2
 
 # The classifier-free guidance recipe that benchmarks/guidance.py measured for the default class-conditional
-# recipe (pred = pred_uncond + w (pred_cond - pred_uncond)) with the default sampler, dpmpp_2m_sde at eta 5, 20
-# steps (sampling.registry.DEFAULT_SAMPLERS): the lowest FD-Digits among the scales giving >= 99% of the requested
-# digit is w = 1.25 (99.1%, FD 9.3, recall 0.78; w = 1: 96.6%, FD 7.1). With euler_ancestral at eta 1.4, the default
-# before, it was also w = 1.25 (99.4%, FD 15.1, recall 0.70). README "Conditioning and guidance". The scale is what
-# a conditional run samples with when sample.guidance_scale is none. Unconditional runs sample without
+# recipe (pred = pred_uncond + w (pred_cond - pred_uncond)) with the default sampler of conditional samples,
+# dpmpp_2m_sde at eta 5, 20 steps (sampling.registry.CONDITIONAL_SAMPLERS): the lowest FD-Digits among the scales
+# giving >= 99% of the requested digit is w = 1.25 (99.1%, FD 9.3, recall 0.78; w = 1: 96.6%, FD 7.1). With
+# euler_ancestral at eta 1.4, the default before, it was also w = 1.25 (99.4%, FD 15.1, recall 0.70); with the
+# unconditional default (s_tmax 5) it would be 1.5 (99.1%, FD 11.8). README "Conditioning and guidance". The scale
+# is what a conditional run samples with when sample.guidance_scale is none. Unconditional runs sample without
 # classifier-free guidance.
 RECOMMENDED_GUIDANCE_SCALE = 1.25
 # Text runs (conditioning.kind=text): the scale at which a tiny text model on digit captions follows held-out
