@@ -268,3 +268,16 @@ def test_evaluation_during_a_class_conditional_run_scores_guided_samples(tmp_pat
     assert isinstance(D, ClassifierFreeGuidance) and D.scale == 1.25 and D.null_cond == {"class_labels": 2}
     assert torch.equal(kw["cond"]["class_labels"], torch.arange(64) % 2)
     assert any(k.startswith("FD-xy@") for r in T.read_metrics(tmp_path) if "eval_seconds" in r for k in r)
+
+
+def test_the_trainers_grids_use_the_default_for_their_conditioning(tmp_path):
+    """A run that names no sampler draws its grids with CONDITIONAL_SAMPLERS when it is conditional and with
+    DEFAULT_SAMPLERS otherwise (the unconditional default's s_tmax is finite, the conditional one's is not)."""
+    from diffusion_forge.sampling.registry import SAMPLERS, default_sampler
+
+    for overrides, conditional in ((CLASS, True), (MOONS, False)):
+        trainer = T.Trainer(config({**overrides, "optim.steps": 1, "sample.steps": 20}),
+                            tmp_path / str(conditional), progress=False)
+        name, options = default_sampler(20, conditional)
+        assert trainer.sampler == (name, 20, {**SAMPLERS[name].options, **options})
+        assert (trainer.sampler[2]["s_tmax"] == math.inf) == conditional
