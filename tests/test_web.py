@@ -153,6 +153,24 @@ def test_requests_take_the_models_classes_guidance_and_defaults():
         gen.check_request(cond, "heun", 4, class_=10)
     from diffusion_forge.sampling.registry import default_sampler
     assert gen.check_request(cond, "auto", 10).sampler == default_sampler(10)[0]   # the budget rule of the registry
+    # "auto" takes the registry's table for the model's conditioning: its options, not only its name
+    for D, conditional in ((_fake(), False), (cond, True), (_fake(text=True), True)):
+        name, options = default_sampler(10, conditional=conditional)
+        req = gen.check_request(D, "auto", 10)
+        assert (req.sampler, {k: req.options[k] for k in options}) == (name, options)
+    assert default_sampler(10)[1] != default_sampler(10, conditional=True)[1]   # else the loop shows nothing
+
+
+def test_the_model_line_names_the_default_for_the_models_conditioning():
+    from diffusion_forge.sampling.registry import default_sampler
+    from diffusion_forge.web.callbacks import Callbacks
+
+    for D, conditional in ((_fake(), False), (_fake(num_classes=10, null={"class_labels": 10}, scale=2.5), True)):
+        D.config = {"sample": {"sampler": None, "steps": 12}}
+        info = Callbacks(None, types.SimpleNamespace(get=lambda m, D=D: D)).controls("m")[-1]
+        name, options = default_sampler(12, conditional=conditional)
+        own = f"its own sampler: the default, {name}" + "".join(f" {k}={v}" for k, v in options.items())
+        assert info.endswith(f"{own}, 12 steps"), info
 
 
 def test_prompts_go_through_prompt_cond_and_negative_prompts_replace_the_null(monkeypatch, tiny_run):
