@@ -21,7 +21,7 @@ nearest-neighbour manifolds against n real images. Targets: FD at 10 NFE <= 1.2 
 FD of any row. ``--effnet`` (MNIST runs) scores every row a second time, in the features of an instrument that
 chose nothing here: FD-EffNet against 5,000 MNIST test images (floor: the same n training images), and checks
 the targets under it too. The two disagree where samples differ in what a digit classifier ignores (faint
-background noise, blur): docs/samplers.md, "A second instrument". Details: docs/samplers.md, "On trained networks".
+background noise, blur): docs/samplers.md, "Ten NFE". Details: docs/samplers.md, "On trained networks".
 """
 from __future__ import annotations
 
