@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -109,8 +110,9 @@ def plot(rows: list[dict], floor: float, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, marker in (("ours", "o"), ("course", "s")):
-        pts = [(r["minutes"], r[name]["fd"]) for r in rows]
-        ax.plot(*zip(*pts), marker=marker, label=f"{name} recipe")
+        pts = [(r["minutes"], r[name]["fd"]) for r in rows if math.isfinite(r[name]["fd"])]
+        if pts:                                   # --no-course leaves the course's rows at nan: no legend entry
+            ax.plot(*zip(*pts), marker=marker, label=f"{name} recipe")
     ax.axhline(floor, color="gray", ls="--", lw=1, label="real vs real (floor)")
     ax.axhline(2 * floor, color="gray", ls=":", lw=1, label="2 x floor")
     ax.set(xscale="log", yscale="log", xlabel="wall-clock minutes of training (2 CPU cores)",
