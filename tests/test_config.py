@@ -55,7 +55,9 @@ def test_the_allowed_names_equal_the_torch_side_lists():
     from diffusion_forge.models import PRESETS
     from diffusion_forge.training import config as C
 
-    assert C.SCHEDULE_NAMES == SCHEDULE_NAMES and C.PREDICTIONS == PREDICTIONS
+    from diffusion_forge.core.losses import NOISE_LEVELS
+
+    assert C.SCHEDULE_NAMES == SCHEDULE_NAMES and C.PREDICTIONS == PREDICTIONS and C.NOISE_LEVELS == NOISE_LEVELS
     assert set(C.MODEL_TYPES) == set(PRESETS)
 
 
@@ -142,6 +144,8 @@ def test_strings_are_typed_by_the_field():
     ({"optim.lr": "0"}, "optim.lr must be > 0"),
     ({"data.channels": "2"}, "data.channels must be 1, 3 or none"),
     ({"sample.steps": "0"}, "sample.steps must be >= 1"),
+    ({"diffusion.noise_levels": "lognormal"}, "diffusion.noise_levels='lognormal' is not one of: uniform, log_normal"),
+    ({"diffusion.log_sigma_std": "0"}, "diffusion.log_sigma_std must be > 0"),
 ])
 def test_values_are_validated_by_name(bad, message):
     with pytest.raises(ConfigError, match=message):

@@ -54,6 +54,31 @@ def test_diffusion_loss_is_zero_for_the_oracle_and_matches_a_hand_computation(pr
     torch.testing.assert_close(per, w * target.pow(2).flatten(1).mean(1))
 
 
+@pytest.mark.parametrize("name, mean, std", [("cosine", -1.2, 1.2), ("linear", 0.4, 0.7)])
+def test_log_normal_noise_levels_are_edm_sigmas_mapped_to_t(name, mean, std):
+    """ln sigma(t) ~ N(mean, std^2): each draw's sigma equals exp(mean + std z) for the generator's own z (a second
+    computation of the same draw, to the float64 interpolation), and the empirical CDF is the normal one."""
+    from diffusion_forge.core.losses import sample_timesteps
+
+    sched = df.NoiseSchedule.from_name(name)
+    t = sample_timesteps(20000, sched, torch.Generator().manual_seed(3), "log_normal", mean, std)
+    z = torch.randn(20000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sigma = (mean + std * z).exp()
+    inside = (sigma > sched.sigma_min) & (sigma < float(sched.sigmas[-1]))
+    assert t.dtype == torch.float64 and 0 <= t.min() and t.max() <= sched.num_timesteps - 1
+    assert (t != t.round()).float().mean() > 0.99                              # fractional timesteps
+    torch.testing.assert_close(sched.sigma_at(t)[inside], sigma[inside], rtol=1e-9, atol=0)
+    assert torch.equal(t[sigma <= sched.sigma_min], torch.zeros_like(t[sigma <= sched.sigma_min]))
+    log_s = sched.sigma_at(t).log().sort().values
+    normal_cdf = 0.5 * (1 + torch.erf((log_s - mean) / (std * math.sqrt(2))))
+    empirical = torch.arange(1, 20001, dtype=torch.float64) / 20000
+    assert (normal_cdf - empirical).abs().max() < 0.012                       # Kolmogorov-Smirnov distance
+    uniform = sample_timesteps(1000, sched, torch.Generator().manual_seed(3))
+    assert torch.equal(uniform, torch.randint(0, 1000, (1000,), generator=torch.Generator().manual_seed(3)).double())
+    with pytest.raises(ValueError, match="noise_levels must be one of uniform, log_normal"):
+        sample_timesteps(4, sched, noise_levels="lognormal")
+
+
 def test_diffusion_loss_refuses_epsilon_on_zero_snr():
     sched = df.NoiseSchedule.from_name("linear", 50, zero_terminal_snr=True)
     with pytest.raises(ValueError, match="zero-terminal-SNR.*v_prediction"):

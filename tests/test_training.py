@@ -6,6 +6,7 @@ the behaviour under test is the same for images.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -139,6 +140,24 @@ def test_batches_cover_each_epoch_once_and_are_reproducible():
     t1, e1, _ = T.step_noise(5, 4, (2,), 1000, 0, False)
     t2, e2, _ = T.step_noise(5, 4, (2,), 1000, 0, False)
     assert torch.equal(t1, t2) and torch.equal(e1, e2)
+
+
+def test_log_normal_noise_levels_reach_the_trainers_batches(tmp_path):
+    """diffusion.noise_levels=log_normal: step k's t are the log-normal sigmas of the (seed, k) generator's first
+    draw, mapped to fractional t; the uniform default keeps its integer draw."""
+    from diffusion_forge.training.determinism import STEP_NOISE
+
+    cfg = tiny({"diffusion.noise_levels": "log_normal", "diffusion.log_sigma_mean": "-0.5",
+                "diffusion.log_sigma_std": "0.8", "optim.steps": 20})
+    tr = T.Trainer(cfg, tmp_path / "lognormal", progress=False)
+    (_, _, t, _), = tr.global_batch(3)
+    z = torch.randn(32, generator=T.seeded_generator(cfg.run.seed, 3, STEP_NOISE), dtype=torch.float64)
+    torch.testing.assert_close(tr.schedule.sigma_at(t), (-0.5 + 0.8 * z).exp(), rtol=1e-9, atol=0)
+    (_, _, t_uniform, _), = T.Trainer(tiny(), tmp_path / "uniform", progress=False).global_batch(3)
+    assert torch.equal(t_uniform, T.step_noise(3, 32, (2,), 1000, cfg.run.seed, False)[0])
+    assert torch.equal(t_uniform, t_uniform.round()) and not torch.equal(t, t.round())
+    summary = T.train(cfg, tmp_path / "lognormal", progress=False)   # trains: finite losses to the end
+    assert summary["step"] == cfg.optim.steps and all(math.isfinite(v) for v in losses(tmp_path / "lognormal").values())
 
 
 def test_learning_rate_warmup_then_constant_or_cosine():

@@ -67,9 +67,23 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Te
     return {"epsilon": clipped / snr, "sample": clipped, "v_prediction": clipped / (snr + 1)}[prediction]
 
 
-def sample_timesteps(batch: int, schedule: NoiseSchedule, generator: torch.Generator | None = None) -> torch.Tensor:
-    """t ~ U{0, ..., T-1}, drawn on the CPU (float64, shape (batch,))."""
-    return torch.randint(0, schedule.num_timesteps, (batch,), generator=generator).to(F64)
+NOISE_LEVELS = ("uniform", "log_normal")
+
+
+def sample_timesteps(batch: int, schedule: NoiseSchedule, generator: torch.Generator | None = None,
+                     noise_levels: str = "uniform", log_sigma_mean: float = -1.2,
+                     log_sigma_std: float = 1.2) -> torch.Tensor:
+    """The training noise levels as timesteps, drawn on the CPU (float64, shape (batch,)).
+
+    uniform:     t ~ U{0, ..., T-1} (Ho et al. 2020)
+    log_normal:  ln sigma ~ N(log_sigma_mean, log_sigma_std^2), t = t(sigma) (Karras et al. 2022, P_mean / P_std),
+                 with sigma^2 = (1 - alpha_bar) / alpha_bar; fractional t, clamped to the schedule's range."""
+    if noise_levels == "uniform":
+        return torch.randint(0, schedule.num_timesteps, (batch,), generator=generator).to(F64)
+    if noise_levels == "log_normal":
+        z = torch.randn(batch, generator=generator, dtype=F64)
+        return schedule.t_for_sigma((log_sigma_mean + log_sigma_std * z).exp())
+    raise ValueError(f"noise_levels must be one of {', '.join(NOISE_LEVELS)}, got {noise_levels!r}")
 
 
 def diffusion_loss(

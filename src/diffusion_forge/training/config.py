@@ -64,6 +64,10 @@ class DiffusionConfig:
                                    "zero_terminal_snr")
     prediction: str = knob("v_prediction", "epsilon | sample | v_prediction", "prediction")
     min_snr_gamma: float | None = knob(5.0, "min-SNR-gamma loss weighting (none: off)", "min_snr_gamma")
+    noise_levels: str = knob("uniform", "training noise levels: uniform (t ~ U{0..T-1}) | log_normal (ln sigma ~ "
+                                        "N(log_sigma_mean, log_sigma_std^2), EDM's P_mean / P_std)")
+    log_sigma_mean: float = knob(-1.2, "mean of ln sigma under noise_levels=log_normal (EDM: -1.2)")
+    log_sigma_std: float = knob(1.2, "std of ln sigma under noise_levels=log_normal (EDM: 1.2)")
 
 
 @dataclass
@@ -148,6 +152,7 @@ SECTIONS = {"data": DataConfig, "diffusion": DiffusionConfig, "model": ModelConf
 # Allowed values, checked by name (tests/test_config.py checks they equal the torch-side lists).
 SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine", "sigmoid")
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
+NOISE_LEVELS = ("uniform", "log_normal")   # core.losses.sample_timesteps
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 MODEL_TYPES = ("unet", "mlp", "diffusers_unet", "diffusers_cond_unet")
@@ -247,6 +252,7 @@ def validate(cfg: Config) -> None:
     d, o, c = cfg.diffusion, cfg.optim, cfg.conditioning
     choice("diffusion.schedule", SCHEDULE_NAMES)
     choice("diffusion.prediction", PREDICTIONS)
+    choice("diffusion.noise_levels", NOISE_LEVELS)
     choice("run.mixed_precision", PRECISIONS)
     choice("optim.lr_schedule", LR_SCHEDULES)
     choice("model.type", MODEL_TYPES)
@@ -261,6 +267,8 @@ def validate(cfg: Config) -> None:
     for dotted in ("ema.decay", "optim.adam_beta1", "optim.adam_beta2", "conditioning.dropout"):
         if not 0 <= cfg.get(dotted) < 1:
             raise ConfigError(f"{dotted} must lie in [0, 1), got {cfg.get(dotted)}")
+    if d.log_sigma_std <= 0:
+        raise ConfigError(f"diffusion.log_sigma_std must be > 0, got {d.log_sigma_std}")
     if d.min_snr_gamma is not None and d.min_snr_gamma <= 0:
         raise ConfigError(f"diffusion.min_snr_gamma must be > 0 or none, got {d.min_snr_gamma}")
     if o.batch_size % o.grad_accum:

@@ -40,11 +40,16 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor
     return torch.cat(out)
 
 
-def step_noise(step: int, batch_size: int, sample_shape, num_timesteps: int, seed: int, flip: bool):
+def step_noise(step: int, batch_size: int, sample_shape, num_timesteps: int, seed: int, flip: bool,
+               draw_t=None):
     """t ~ U{0..T-1} (float64), eps ~ N(0, I) (float32) and a flip mask (p = 1/2) for the global batch of
-    ``step``, drawn on the CPU in this order from one generator."""
+    ``step``, drawn on the CPU in this order from one generator. ``draw_t(batch, generator)`` replaces the
+    uniform t (e.g. ``core.losses.sample_timesteps`` with log-normal noise levels)."""
     g = seeded_generator(seed, step, STEP_NOISE)
-    t = torch.randint(0, num_timesteps, (batch_size,), generator=g).to(torch.float64)
+    if draw_t is None:
+        t = torch.randint(0, num_timesteps, (batch_size,), generator=g).to(torch.float64)
+    else:
+        t = draw_t(batch_size, g)
     noise = torch.randn((batch_size, *sample_shape), generator=g)
     flips = torch.rand(batch_size, generator=g) < 0.5 if flip else None
     return t, noise, flips

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.losses import diffusion_loss
+from ..core.losses import diffusion_loss, sample_timesteps
 from ..io.checkpoint import latest_checkpoint, save_checkpoint
 from ..io.files import atomic_write_text
 from .build import TrainingData, build_network, build_schedule, null_class, weights_digest
@@ -122,8 +122,10 @@ class Trainer:
         cfg = self.cfg
         b = cfg.optim.batch_size
         idx = batch_indices(step, b, self.data.n, cfg.run.seed)
-        t, noise, flips = step_noise(step, b, self.sample_shape, cfg.diffusion.num_timesteps, cfg.run.seed,
-                                     cfg.data.flip)
+        d = cfg.diffusion
+        draw_t = None if d.noise_levels == "uniform" else (   # uniform keeps its original draw, bit for bit
+            lambda n, g: sample_timesteps(n, self.schedule, g, d.noise_levels, d.log_sigma_mean, d.log_sigma_std))
+        t, noise, flips = step_noise(step, b, self.sample_shape, d.num_timesteps, cfg.run.seed, cfg.data.flip, draw_t)
         x0, cond = self.data.batch(idx)
         if flips is not None:
             x0 = torch.where(flips.reshape(-1, *[1] * (x0.ndim - 1)), x0.flip(-1), x0)
