@@ -1,0 +1,31 @@
+"""benchmarks/samplers_trained.py: the targets on the sweep's seeds and on the confirmation block (--confirm)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import samplers_trained as st  # noqa: E402
+
+
+def row(v: dict, budget: int, fd: float, grid: str = "default") -> dict:
+    return {**v, "grid": grid, "budget": budget, "fd": fd}
+
+
+def test_targets_are_checked_again_on_the_confirmation_block():
+    default10, default20 = st.current_default(10), st.current_default(20)
+    lucky = st.variant("euler_ancestral", {"eta": 1.4})
+    rec = {"rows": [row(default10, 10, 12.0), row(default20, 20, 9.0), row(lucky, 10, 11.0), row(lucky, 20, 8.0)],
+           "reference": [row(default20, 250, 8.5)]}
+    picked = st.target_rows(rec, "fd")
+    assert picked["best"]["fd"] == 8.0 and picked["best 10"]["fd"] == 11.0 and picked["default 20"]["fd"] == 9.0
+    first = st.checks(rec, [10, 20], 250)
+    assert all("[seeds" not in name for name in first)
+    d10 = next(c for name, c in first.items() if name.startswith("default") and "at 10 NFE" in name)
+    assert d10["ratio"] == 12.0 / 8.0 and not d10["pass"]                     # 1.5 x the lucky best: FAIL
+    # on fresh seeds the lucky row regresses (8.0 -> 10.5) and the default holds: the verdict turns
+    rec["confirm"] = [row(default10, 10, 12.3), row(default20, 20, 9.2), row(lucky, 10, 12.6), row(lucky, 20, 10.5)]
+    again = {name: c for name, c in st.checks(rec, [10, 20], 250).items() if name.endswith("[seeds n..2n-1]")}
+    d10 = next(c for name, c in again.items() if name.startswith("default") and "at 10 NFE" in name)
+    d20 = next(c for name, c in again.items() if name.startswith("default") and "at 20 NFE" in name)
+    assert d10["best"] == 10.5 and d10["ratio"] == 12.3 / 10.5 and d10["pass"]
+    assert d20["ratio"] == 9.2 / 10.5 and d20["pass"]
+    assert len(again) == len(first)                                             # every target, once per block
