@@ -229,16 +229,17 @@ def rank(records: list[dict], budget: int, grids=GRIDS) -> list[tuple[dict, str,
 class Bench:
     """Measures rows on one run, skipping those already in its record, and saves after each."""
 
-    def __init__(self, info: dict, rec: dict, n: int, save, effnet: bool = False):
-        self.info, self.rec, self.n, self.save = info, rec, n, save
+    def __init__(self, info: dict, rec: dict, n: int, save, effnet: bool = False, seed: int = 0):
+        self.info, self.rec, self.n, self.save, self.seed = info, rec, n, save, seed
         self.scorer = (DigitScorer(n, effnet=effnet) if info["kind"] == "mnist" else
                        ColourScorer(info["data"], info["image_size"], info["channels"], n))
         if "floor" not in rec:
             rec["floor"] = self.scorer.floor()
             save()
 
-    def measure(self, v: dict, grid: str, budget: int, where: str = "rows", seed: int = 0) -> dict | None:
-        """One row: n samples of seeds seed..seed + n - 1 (0 for the sweep; the confirmation block: n)."""
+    def measure(self, v: dict, grid: str, budget: int, where: str = "rows", seed: int | None = None) -> dict | None:
+        """One row: n samples of seeds seed..seed + n - 1 (the sweep: --seed; the confirmation block: --seed + n)."""
+        seed = self.seed if seed is None else seed
         spec = SAMPLERS[v["sampler"]]
         steps = spec.steps_for(budget, **v["options"])
         if steps == 0:
@@ -278,6 +279,8 @@ def bench_run(bench: Bench, args, variants: list[dict], ranking) -> None:
                 bench.measure(v, grid, b)
     for b in budgets:
         bench.measure(current_default(b), "default", b)
+    if not args.reference_steps:                       # --reference-steps 0: a screen without the long rows
+        return
     stochastic = [r for r in rec["rows"] if SAMPLERS[r["sampler"]].stochastic and r["budget"] == max(budgets)]
     refs = [(variant("euler_ancestral"), "default"), (current_default(max(budgets)), "default")]
     if stochastic:
@@ -306,13 +309,14 @@ def target_rows(rec: dict, metric: str) -> dict[str, dict]:
 def confirm(bench: "Bench", metrics) -> None:
     """The target rows again on a fresh block of seeds (n..2n-1). The best of about 100 rows on one block is
     the luckiest draw as much as the best sampler (a spread of about 1 FD at n = 1,000), so it is biased low;
-    the same row on seeds it was not chosen on is not."""
+    the same row on seeds it was not chosen on is not. The block: seeds seed + n .. seed + 2n - 1."""
     picked = {}
     for m in metrics:
         for r in target_rows(bench.rec, m).values():
             picked.setdefault((key(r, r["grid"]), r["budget"]), r)
     for r in picked.values():
-        bench.measure(variant(r["sampler"], r["options"]), r["grid"], r["budget"], where="confirm", seed=bench.n)
+        bench.measure(variant(r["sampler"], r["options"]), r["grid"], r["budget"], where="confirm",
+                      seed=bench.seed + bench.n)
 
 
 def rank_budget(budgets) -> int:
@@ -461,7 +465,8 @@ def main(argv=None) -> int:
     p.add_argument("--samplers", nargs="+", help="restrict the sweep: names, or NAME:KEY=VALUE,... settings")
     p.add_argument("--budgets", nargs="+", type=int, default=[5, 10, 20], help="NFE budgets")
     p.add_argument("--n", type=int, default=1000, help="samples per row (and real images for precision / recall)")
-    p.add_argument("--reference-steps", type=int, default=250, help="NFE of the long reference rows")
+    p.add_argument("--reference-steps", type=int, default=250,
+                   help="NFE of the long reference rows (0: none, for a screen of a few settings)")
     p.add_argument("--top", type=int, default=5, help="best rows at 10 NFE that also run on karras / exponential")
     p.add_argument("--ranking", nargs="+", default=[], help="results.json files whose MNIST runs rank the colour rows")
     p.add_argument("--out", default="outputs/bench-samplers-trained", help="folder for results.json and table.md")
@@ -472,15 +477,18 @@ def main(argv=None) -> int:
                    help="measure the rows the targets compare (the best at any NFE, the default and the best at "
                         "10 and 20 NFE) again on seeds n..2n-1 and check the targets there too: the best of ~100 "
                         "rows on one block of seeds is biased low")
+    p.add_argument("--seed", type=int, default=0,
+                   help="first seed of the sweep's block (seeds seed..seed+n-1); a new --out for another block")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time; sample nothing")
     args = p.parse_args(argv)
-    if args.n < 4 or min(args.budgets) < 1 or args.top < 0 or args.reference_steps < 1:
-        raise SystemExit("--n must be >= 4 (precision / recall), budgets and --reference-steps >= 1, --top >= 0")
+    if args.n < 4 or min(args.budgets) < 1 or args.top < 0 or args.reference_steps < 0:
+        raise SystemExit("--n must be >= 4 (precision / recall), budgets >= 1, --reference-steps >= 0, --top >= 0")
     args.budgets = sorted(set(args.budgets))
     variants = sweep_variants(args.samplers)
     infos = sorted((run_info(r, args.device, args.dry_run) for r in args.run), key=lambda i: i["kind"] != "mnist")
-    out, settings = Path(args.out), {"n": args.n, "reference_steps": args.reference_steps, "seed": 0, "batch": BATCH}
+    out = Path(args.out)
+    settings = {"n": args.n, "reference_steps": args.reference_steps, "seed": args.seed, "batch": BATCH}
     if args.effnet:                                    # rows scored without it are not reused
         settings["effnet"] = True
     old = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
@@ -504,7 +512,7 @@ def main(argv=None) -> int:
         print(f"\n{info['path']}: {info['kind']} {info['shape']}, step {info['step']}", flush=True)
         rec = results["runs"].setdefault(info["path"], {"rows": [], "reference": []})
         rec.update(info={k: info[k] for k in ("kind", "data", "shape", "step")}, n=args.n)
-        bench = Bench(info, rec, args.n, save, effnet=args.effnet)
+        bench = Bench(info, rec, args.n, save, effnet=args.effnet, seed=args.seed)
         rec["metric"] = bench.scorer.label
         ranking = rank(mnist(), rank_budget(args.budgets)) if info["kind"] == "colour" and mnist() else None
         bench_run(bench, args, variants, ranking)

@@ -110,6 +110,8 @@ class OptimConfig:
 class EMAConfig:
     decay: float = knob(0.999, "EMA decay (the most it reaches, see ema.warmup)", "ema_decay")
     warmup: bool = knob(True, "decay_k = min(decay, (1 + k) / (10 + k))", "ema_warmup")
+    sigma_rel: float | None = knob(None, "a power-function EMA of this relative width instead (Karras et al. "
+                                         "2024: decay_k = (1 - 1/k)^(gamma + 1); decay and warmup unused; none: off)")
 
 
 @dataclass
@@ -267,6 +269,9 @@ def validate(cfg: Config) -> None:
     for dotted in ("ema.decay", "optim.adam_beta1", "optim.adam_beta2", "conditioning.dropout"):
         if not 0 <= cfg.get(dotted) < 1:
             raise ConfigError(f"{dotted} must lie in [0, 1), got {cfg.get(dotted)}")
+    if cfg.ema.sigma_rel is not None and not 0 < cfg.ema.sigma_rel < 12 ** -0.5:   # sqrt(1/12): gamma = 0
+        raise ConfigError(f"ema.sigma_rel must lie in (0, 0.2887) or be none, got {cfg.ema.sigma_rel} (Karras et "
+                          "al. 2024 use 0.05-0.15; the recipe's warm-up EMA is nearly 0.09)")
     if d.log_sigma_std <= 0:
         raise ConfigError(f"diffusion.log_sigma_std must be > 0, got {d.log_sigma_std}")
     if d.min_snr_gamma is not None and d.min_snr_gamma <= 0:

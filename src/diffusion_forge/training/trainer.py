@@ -82,7 +82,7 @@ class Trainer:
             self.prompts = sample_prompts(cfg.data.source, self.data.captions)   # the grids' fixed prompts
         model, self.model_config = build_network(cfg, self.sample_shape, self.schedule, self.num_classes,
                                                  text_encoder=self.text_encoder)
-        self.ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)  # a copy: carries the diffusion_config too
+        self.ema = EMA(model, cfg.ema.decay, cfg.ema.warmup, cfg.ema.sigma_rel)  # a copy: carries the diffusion_config too
         self.ema.module.to(self.device)
         self.model = self.acc.prepare(model)               # moved to the device; DDP-wrapped when several
         self.denoiser = Denoiser(self.model, self.schedule, cfg.diffusion.prediction, sample_shape=self.sample_shape)
@@ -228,7 +228,8 @@ class Trainer:
         o = self.cfg.optim
         for i, group in enumerate(self.optimizer.param_groups):
             group.update(betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay if i == 0 else 0.0)
-        self.ema.decay, self.ema.warmup = float(self.cfg.ema.decay), bool(self.cfg.ema.warmup)
+        e = self.cfg.ema
+        self.ema.decay, self.ema.warmup, self.ema.sigma_rel = float(e.decay), bool(e.warmup), e.sigma_rel
         threads = ckpt.state.get("extra", {}).get("num_threads")
         if threads is not None and threads != torch.get_num_threads() and self.acc.is_main_process:
             print(f"note: the run was checkpointed with {threads} threads and now runs with "
