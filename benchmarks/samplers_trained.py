@@ -156,7 +156,7 @@ class DigitScorer(Scorer):
 
     def extra(self, images) -> dict:
         share = np.bincount(self.clf.predict_proba(images).argmax(1).numpy(), minlength=10) / len(images)
-        out = {"class_min": float(share.min()), "class_max": float(share.max())}
+        out = {"class_min": float(share.min()), "class_max": float(share.max()), "shares": share.round(4).tolist()}
         if self.effnet is not None:
             f = self.effnet.features(images)
             out["fd_effnet"] = evaluate.frechet_distance(*evaluate.feature_stats(f), *self.effnet_ref)
