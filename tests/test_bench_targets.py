@@ -1,4 +1,5 @@
-"""benchmarks/samplers_trained.py: the targets on the sweep's seeds and on the confirmation block (--confirm)."""
+"""benchmarks/samplers_trained.py: the targets on the sweep's seeds and on the confirmation block (--confirm);
+benchmarks/time_to_quality.py: how often a perfect generator passes the digit-share target."""
 import sys
 from pathlib import Path
 
@@ -29,3 +30,23 @@ def test_targets_are_checked_again_on_the_confirmation_block():
     assert d10["best"] == 10.5 and d10["ratio"] == 12.3 / 10.5 and d10["pass"]
     assert d20["ratio"] == 9.2 / 10.5 and d20["pass"]
     assert len(again) == len(first)                                             # every target, once per block
+
+
+def test_the_share_targets_null_pass_rate_matches_the_exact_sums():
+    """benchmarks/time_to_quality.share_pass_rate (simulated multinomial counts) against exact sums of the
+    binomial (two classes) and trinomial (three classes) probabilities of every share lying in the bounds."""
+    from math import comb
+
+    import time_to_quality as ttq
+
+    n, p, bounds = 100, 0.5, (0.45, 0.55)
+    exact = sum(comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)
+                if all(bounds[0] <= c / n <= bounds[1] for c in (k, n - k)))
+    assert abs(ttq.share_pass_rate([p, 1 - p], n, bounds) - exact) < 0.005 and 0.6 < exact < 0.8
+
+    n, q, bounds = 60, (0.2, 0.3, 0.5), (0.15, 0.55)
+    exact = sum(comb(n, a) * comb(n - a, b) * q[0] ** a * q[1] ** b * q[2] ** (n - a - b)
+                for a in range(n + 1) for b in range(n - a + 1)
+                if all(bounds[0] <= c / n <= bounds[1] for c in (a, b, n - a - b)))
+    assert abs(ttq.share_pass_rate(q, n, bounds) - exact) < 0.005 and 0.5 < exact < 0.95
+    assert ttq.share_pass_rate(q, n, (0.25, 0.55)) < exact - 0.2          # a tighter bound passes less often
