@@ -65,17 +65,10 @@ def test_trainer_runs_the_power_ema_from_the_config(tmp_path):
     weights it went through (not the warm-up EMA's), and the checkpoint records the width."""
     from diffusion_forge.training import Trainer
     from diffusion_forge.training.config import ConfigError
-    from test_training import tiny
+    from test_training import record_weights, tiny
 
     trainer = Trainer(tiny({"optim.steps": 12, "ema.sigma_rel": 0.15}), tmp_path, progress=False)
-    snapshots, step = [], trainer.train_step
-
-    def recording_step(s):
-        out = step(s)
-        snapshots.append({k: v.double().clone() for k, v in trainer.unwrapped.state_dict().items()})
-        return out
-
-    trainer.train_step = recording_step
+    snapshots = record_weights(trainer, initial=False)
     trainer.fit()
     t, gamma = len(snapshots), gamma_for_sigma_rel(0.15)
     weights = [(k ** (gamma + 1) - (k - 1) ** (gamma + 1)) / t ** (gamma + 1) for k in range(1, t + 1)]

@@ -194,17 +194,26 @@ def test_ema_equals_closed_form_recursion_unit():
     assert ema_decay(3, 0.9, warmup=False) == 0.9
 
 
-def test_trainer_ema_equals_closed_form_and_is_used_for_sampling(tmp_path):
-    trainer = T.Trainer(tiny({"optim.steps": 40, "ema.decay": 0.75}), tmp_path, progress=False)
-    snapshots = [{k: v.double().clone() for k, v in trainer.unwrapped.state_dict().items()}]
-    step = trainer.train_step
+def record_weights(trainer, initial: bool) -> list[dict]:
+    """Wrap ``trainer.train_step`` so that a float64 copy of the network's weights is appended after every step
+    (and, with ``initial``, first the weights it starts from); returns that list."""
+    def copy() -> dict:
+        return {k: v.double().clone() for k, v in trainer.unwrapped.state_dict().items()}
+
+    snapshots, step = [copy()] if initial else [], trainer.train_step
 
     def recording_step(s):
         out = step(s)
-        snapshots.append({k: v.double().clone() for k, v in trainer.unwrapped.state_dict().items()})
+        snapshots.append(copy())
         return out
 
     trainer.train_step = recording_step
+    return snapshots
+
+
+def test_trainer_ema_equals_closed_form_and_is_used_for_sampling(tmp_path):
+    trainer = T.Trainer(tiny({"optim.steps": 40, "ema.decay": 0.75}), tmp_path, progress=False)
+    snapshots = record_weights(trainer, initial=True)
     trainer.fit()
     avg = dict(snapshots[0])
     for k in range(1, len(snapshots)):
