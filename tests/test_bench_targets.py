@@ -1,5 +1,6 @@
 """benchmarks/samplers_trained.py: the targets on the sweep's seeds and on the confirmation block (--confirm);
-benchmarks/time_to_quality.py: how often a perfect generator passes the digit-share target."""
+benchmarks/time_to_quality.py: how often a perfect generator passes the digit-share target; benchmarks/digit_drift.py:
+its table of digit shares along the sampling path."""
 import sys
 from pathlib import Path
 
@@ -50,3 +51,18 @@ def test_the_share_targets_null_pass_rate_matches_the_exact_sums():
                 if all(bounds[0] <= c / n <= bounds[1] for c in (a, b, n - a - b)))
     assert abs(ttq.share_pass_rate(q, n, bounds) - exact) < 0.005 and 0.5 < exact < 0.95
     assert ttq.share_pass_rate(q, n, (0.25, 0.55)) < exact - 0.2          # a tighter bound passes less often
+
+
+def test_the_drift_table_counts_shares_and_moved_labels():
+    """benchmarks/digit_drift.table: per step each digit's share (%) and the samples whose label is not final."""
+    import numpy as np
+
+    import digit_drift
+
+    labels = np.array([[8, 8, 8, 8], [9, 9, 4, 1], [9, 4, 4, 1]])        # steps x samples; the last row is final
+    rows = digit_drift.table([20.0, 2.0, 0.0], labels).splitlines()[2:]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    assert [c[0] for c in cells] == ["0", "1", "final"] and cells[1][1] == "2"
+    assert cells[0][2 + 8] == "100.0" and cells[0][-1] == "100.0"          # all eights, none final
+    assert cells[1][2 + 9] == "50.0" and cells[1][-1] == "25.0"            # one of four moves 9 -> 4
+    assert (cells[2][2 + 4], cells[2][2 + 9], cells[2][-1]) == ("50.0", "25.0", "0.0")
