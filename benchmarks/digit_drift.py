@@ -58,7 +58,8 @@ def table(sigmas: list, labels: np.ndarray) -> str:
         share = np.bincount(row, minlength=10) / n
         changed = float((row != labels[-1]).mean())
         name = "final" if i == len(sigmas) - 1 else str(i)
-        lines.append(f"| {name} | {s:.3g} | " + " | ".join(f"{100 * v:.1f}" for v in share) + f" | {100 * changed:.1f} |")
+        cells = [f"{100 * v:.1f}" for v in share] + [f"{100 * changed:.1f}"]
+        lines.append(f"| {name} | {s:.3g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -78,7 +79,8 @@ def main(argv=None) -> int:
     print("MNIST test set, digit shares (%): " + ", ".join(f"{d}: {100 * v:.1f}" for d, v in enumerate(data)))
     for run in args.run:
         if not (Path(run) / "config.json").exists():
-            raise SystemExit(f"{run} is not a run folder (no config.json): train it first with dforge train --out {run}")
+            raise SystemExit(f"{run} is not a run folder (no config.json): "
+                             f"train it first with dforge train --out {run}")
         D = df.load_model_from_run(run)
         for spec in args.samplers:
             name, options = parse_sampler(spec)
