@@ -28,6 +28,7 @@ import diffusion_forge as df  # noqa: E402
 from diffusion_forge import evaluate  # noqa: E402
 from diffusion_forge.data import load_mnist, to_uint8  # noqa: E402
 from diffusion_forge.sampling.generate import generate  # noqa: E402
+from diffusion_forge.sampling.registry import resolve_sampler  # noqa: E402
 
 SAMPLERS = ["dpmpp_2m_sde:eta=5,s_tmax=5", "dpmpp_2m_sde:eta=0"]
 
@@ -73,14 +74,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.n < 1 or args.steps < 1:
         raise SystemExit("--n and --steps must be >= 1")
+    for run in args.run:
+        if not (Path(run) / "config.json").exists():
+            raise SystemExit(f"{run} is not a run folder (no config.json): "
+                             f"train it first with dforge train --out {run}")
+    for spec in args.samplers:
+        try:
+            name, options = parse_sampler(spec)
+            resolve_sampler(name, args.steps, options)
+        except ValueError as e:
+            raise SystemExit(f"--samplers {spec}: {e}") from None
     clf = evaluate.digit_classifier()
     _, test_labels = load_mnist("test")
     data = np.bincount(test_labels, minlength=10) / len(test_labels)
     print("MNIST test set, digit shares (%): " + ", ".join(f"{d}: {100 * v:.1f}" for d, v in enumerate(data)))
     for run in args.run:
-        if not (Path(run) / "config.json").exists():
-            raise SystemExit(f"{run} is not a run folder (no config.json): "
-                             f"train it first with dforge train --out {run}")
         D = df.load_model_from_run(run)
         for spec in args.samplers:
             name, options = parse_sampler(spec)
