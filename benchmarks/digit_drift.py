@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipe import parse_sampler  # noqa: E402
+from samplers_trained import run_info  # noqa: E402  (loads a run; a clear message for what it cannot score)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-import diffusion_forge as df  # noqa: E402
 from diffusion_forge import evaluate  # noqa: E402
 from diffusion_forge.data import load_mnist, to_uint8  # noqa: E402
 from diffusion_forge.sampling.generate import generate  # noqa: E402
@@ -74,26 +74,25 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.n < 1 or args.steps < 1:
         raise SystemExit("--n and --steps must be >= 1")
-    for run in args.run:
-        if not (Path(run) / "config.json").exists():
-            raise SystemExit(f"{run} is not a run folder (no config.json): "
-                             f"train it first with dforge train --out {run}")
     for spec in args.samplers:
         try:
             name, options = parse_sampler(spec)
             resolve_sampler(name, args.steps, options)
         except ValueError as e:
             raise SystemExit(f"--samplers {spec}: {e}") from None
+    runs = [run_info(run, "cpu", dry=False) for run in args.run]
+    for info in runs:
+        if info["kind"] != "mnist":
+            raise SystemExit(f"{info['path']}: digit labels need an MNIST run (1x28x28); this one is {info['kind']}")
     clf = evaluate.digit_classifier()
     _, test_labels = load_mnist("test")
     data = np.bincount(test_labels, minlength=10) / len(test_labels)
     print("MNIST test set, digit shares (%): " + ", ".join(f"{d}: {100 * v:.1f}" for d, v in enumerate(data)))
-    for run in args.run:
-        D = df.load_model_from_run(run)
+    for info in runs:
         for spec in args.samplers:
             name, options = parse_sampler(spec)
-            sigmas, labels = labels_along_the_path(D, clf, args.n, name, options, args.steps)
-            print(f"\n#### {run} (step {D.step}): {spec}, {args.steps} steps, seeds 0-{args.n - 1}\n")
+            sigmas, labels = labels_along_the_path(info["D"], clf, args.n, name, options, args.steps)
+            print(f"\n#### {info['path']} (step {info['step']}): {spec}, {args.steps} steps, seeds 0-{args.n - 1}\n")
             print(table(sigmas, labels), flush=True)
     return 0
 

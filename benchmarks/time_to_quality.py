@@ -54,7 +54,7 @@ def share_pass_rate(proportions, n: int, bounds=SHARES, draws: int = 200_000, se
     """How often a perfect generator passes the digit-share target: P(lo <= c_k / n <= hi for every k) for counts
     c ~ Multinomial(n, proportions), by simulation. With MNIST's test proportions and n = 1,000 it is 0.93 (the
     fails: mostly the ones, 11.4% of the data, above 13%), so one FAIL alone is weak evidence of a biased
-    generator; a digit at 10% drawn above 13.5% is (P about 3e-4)."""
+    generator, while a digit that is 10% of the data lands above 13.5% only with P about 3e-4."""
     lo, hi = bounds
     share = np.random.default_rng(seed).multinomial(n, np.asarray(proportions, dtype=float), size=draws) / n
     return float(((share >= lo) & (share <= hi)).all(axis=1).mean())
