@@ -146,6 +146,8 @@ def main(argv=None) -> int:
                    help="candidates for the course model, ';'-separated, NAME[:OPTION=VALUE,...]")
     p.add_argument("--no-course", action="store_true", help="ours only (e.g. to re-measure ours after a change)")
     args = p.parse_args(argv)
+    if min(args.minutes) <= 0 or args.n < 4:
+        raise SystemExit("--minutes must be > 0 and --n >= 4 (precision / recall use 3 nearest neighbours)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     score = Scorer(args.n, args.seed)
