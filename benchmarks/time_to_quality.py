@@ -15,6 +15,13 @@ budget with its weights copied at each budget. Its learning rate is constant and
 at minute m is exactly the run a budget of m minutes gives. Its samples: the best FD of its candidate
 samplers at 20 NFE (default: euler_ancestral at eta 1.6, its best in benchmarks/recipe.py).
 
+``--conditioning class``: ours is the class-conditional recipe (``conditioning.kind=class``, label dropout 0.1)
+used as an unconditional generator, p(x) = sum_c p(c) p(x | c): sample i draws its label from the training
+set's digit shares p(c) that the run records (``sampling.generate.data_class_labels``, seed i), then the image
+from the conditional network at w = 1 (no guidance: one network call per step) with the sampler rule of
+unconditional samples; ``dforge sample RUN --class data`` draws the same samples. It needs labels, so it is
+an option, not the default recipe.
+
 Both sample with bf16 autocast where the CPU has it (``precision="auto"``; benchmarks/throughput.py --fd: it
 moves FD-Digits@1k by 0.26, less than another draw of seeds does).
 
@@ -43,7 +50,8 @@ from diffusion_forge import evaluate  # noqa: E402
 from diffusion_forge.data import load_mnist, to_uint8  # noqa: E402
 from diffusion_forge.denoise.denoiser import Denoiser  # noqa: E402
 from diffusion_forge.io.files import write_json  # noqa: E402
-from diffusion_forge.sampling.generate import generate  # noqa: E402
+from diffusion_forge.sampling.generate import data_class_labels, generate  # noqa: E402
+from diffusion_forge.sampling.registry import resolve_sampler  # noqa: E402
 from diffusion_forge.training import Trainer, merge_config  # noqa: E402
 
 SAFETY = 0.97   # of the budget left after setup, for the steps (the final grid and checkpoint need the rest)
@@ -83,22 +91,27 @@ class Scorer:
                 "min_share": float(share.min()), "max_share": float(share.max())}
 
 
-def recipe_rate(seed: int) -> float:
+def recipe_flags(seed: int, conditioning: str) -> dict:
+    """`dforge train`'s defaults on MNIST, with the run's conditioning ("none" or "class")."""
+    return {"data.source": "mnist", "run.seed": seed, "run.sample_every": 0, "conditioning.kind": conditioning}
+
+
+def recipe_rate(seed: int, conditioning: str = "none") -> float:
     """Optimiser steps per second of the default recipe, from steps 20-60 of a throw-away run (a process's first
     steps run slower while oneDNN builds its kernels, and 40 steps average out more of the machine's noise)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = merge_config(flags={"data.source": "mnist", "run.seed": seed, "run.sample_every": 0,
-                                  "optim.steps": 60, "run.log_every": 20, "run.guide_snapshot_step": 0})
+        cfg = merge_config(flags={**recipe_flags(seed, conditioning), "optim.steps": 60, "run.log_every": 20,
+                                  "run.guide_snapshot_step": 0})
         Trainer(cfg, Path(tmp) / "probe", progress=False).fit()
         lines = [json.loads(s) for s in (Path(tmp) / "probe" / "metrics.jsonl").read_text().splitlines()]
     seconds = sum(cfg.optim.batch_size * 20 / line["images_per_s"] for line in lines[-2:])   # two blocks of 20
     return 40 / seconds
 
 
-def train_ours(out: Path, minutes: float, rate: float, seed: int) -> tuple[Denoiser, dict]:
+def train_ours(out: Path, minutes: float, rate: float, seed: int,
+               conditioning: str = "none") -> tuple[Denoiser, dict]:
     t0 = time.perf_counter()
-    flags = {"data.source": "mnist", "run.seed": seed, "run.sample_every": 0}
-    trainer = Trainer(merge_config(flags=flags), out, progress=True)          # data loaded, network built: the setup
+    trainer = Trainer(merge_config(flags=recipe_flags(seed, conditioning)), out, progress=True)   # the setup
     setup = time.perf_counter() - t0
     cfg = trainer.cfg                                    # the step count is only read from here on
     cfg.optim.steps = max(cfg.optim.warmup_steps + 1, int(rate * (60 * minutes - setup) * SAFETY))
@@ -107,12 +120,13 @@ def train_ours(out: Path, minutes: float, rate: float, seed: int) -> tuple[Denoi
     wall = time.perf_counter() - t0
     s = cfg.sample
     return trainer.ema_denoiser().eval(), {"steps": trainer.step, "wall_s": wall,
-                                            "sampler": (s.sampler, s.steps, dict(s.options))}
+                                            "sampler": (s.sampler, s.steps, dict(s.options)),
+                                            "class_frequencies": trainer.data.class_frequencies}
 
 
-def draw(D: Denoiser, n: int, sampler: str, steps: int, options: dict):
+def draw(D: Denoiser, n: int, sampler: str, steps: int, options: dict, cond: dict | None = None):
     with torch.no_grad():
-        return to_uint8(generate(D, n, seed=0, sampler=sampler, steps=steps, batch_size=250,
+        return to_uint8(generate(D, n, seed=0, sampler=sampler, steps=steps, batch_size=250, cond=cond,
                                  sampler_options=options, progress=True, precision="auto"))
 
 
@@ -145,6 +159,9 @@ def main(argv=None) -> int:
     p.add_argument("--course-samplers", default="euler_ancestral:eta=1.6",
                    help="candidates for the course model, ';'-separated, NAME[:OPTION=VALUE,...]")
     p.add_argument("--no-course", action="store_true", help="ours only (e.g. to re-measure ours after a change)")
+    p.add_argument("--conditioning", choices=("none", "class"), default="none",
+                   help="ours: the default (unconditional) recipe, or the class-conditional one sampled with labels "
+                        "drawn from the training set's digit frequencies (w = 1)")
     args = p.parse_args(argv)
     if min(args.minutes) <= 0 or args.n < 4:
         raise SystemExit("--minutes must be > 0 and --n >= 4 (precision / recall use 3 nearest neighbours)")
@@ -152,16 +169,19 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     score = Scorer(args.n, args.seed)
     print(f"threads {torch.get_num_threads()}; floor at n={args.n}: {score.floor}", flush=True)
-    rate = recipe_rate(args.seed)
-    print(f"our recipe: {rate:.2f} steps/s", flush=True)
+    rate = recipe_rate(args.seed, args.conditioning)
+    print(f"our recipe (conditioning {args.conditioning}): {rate:.2f} steps/s", flush=True)
 
     rows = []
     for m in args.minutes:
         run = out / f"ours-{m:g}min"
         shutil.rmtree(run, ignore_errors=True)
-        D, info = train_ours(run, m, rate, args.seed)
-        name, steps, options = info["sampler"]
-        result = score(draw(D, args.n, name, steps, options))
+        D, info = train_ours(run, m, rate, args.seed, args.conditioning)
+        p_c = info["class_frequencies"]                     # p(c) of a class-conditional run, else None
+        cond = None if p_c is None else {"class_labels": data_class_labels(p_c, args.n, seed=0)}
+        # as `dforge sample RUN --class data`: labelled samples that follow p(x) take the unconditional rule
+        name, steps, options = resolve_sampler(*info["sampler"], conditional=False)
+        result = score(draw(D, args.n, name, steps, options, cond))
         rows.append({"minutes": m, "ours": {**info, **result}})
         print(f"ours {m:g} min: {info['steps']} steps, {info['wall_s']:.0f} s, {result}", flush=True)
     course = [] if args.no_course else \
@@ -199,7 +219,7 @@ def main(argv=None) -> int:
         print(f"  (n = {args.n} samples drawn at exactly the test set's digit proportions pass the share target "
               f"{null:.1%} of the time)")
     plot(rows, floor["fd"], out / "time-to-quality.png")
-    results = {"floor": floor, "rate_steps_per_s": rate, "rows": rows}
+    results = {"floor": floor, "rate_steps_per_s": rate, "conditioning": args.conditioning, "rows": rows}
     write_json(out / "results.json", json.loads(json.dumps(results, default=str)))
     return 0
 

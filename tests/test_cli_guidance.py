@@ -84,6 +84,62 @@ def test_class_all_writes_balanced_labels_and_says_what_ran(runs, tmp_path, caps
     assert list(_sample(runs["uncond"], tmp_path / "u.npz", "--n", "3")) == ["images"]   # unconditional: no labels
 
 
+def test_class_data_draws_the_training_shares_unguided(runs, tmp_path, capsys):
+    """--class data: labels from the p(c) the run recorded (the digits set's own label shares, counted here a
+    second way), drawn per seed, and the conditional model (w = 1) unless --guidance-scale is given."""
+    from diffusion_forge.data import load_dataset
+    from diffusion_forge.io.checkpoint import load_model_from_run
+    from diffusion_forge.sampling.generate import data_class_labels
+
+    labels = np.asarray(load_dataset("digits", split="train").labels)
+    p_c = load_model_from_run(runs["cond"]).class_frequencies
+    assert np.allclose(p_c, np.bincount(labels, minlength=10) / len(labels), atol=1e-12)
+    got = _sample(runs["cond"], tmp_path / "d.npz", "--n", "12", "--class", "data", "--seed", "5")
+    assert (got["labels"] == data_class_labels(p_c, 12, seed=5).numpy()).all()
+    assert (got["images"] == _plain_seeded(runs["cond"], got["labels"], seed=5)).all()     # unguided: exactly
+    out = capsys.readouterr().out
+    assert "training set's shares p(c)" in out and "conditional model (w = 1, no guidance)" in out
+    from diffusion_forge.sampling.registry import CONDITIONAL_SAMPLERS, DEFAULT_SAMPLERS
+    assert DEFAULT_SAMPLERS[1][1]["s_tmax"] == 5 and "s_tmax" not in CONDITIONAL_SAMPLERS[1][1]
+    assert "'s_tmax': 5.0" in out                                       # the rule of unconditional samples
+    _sample(runs["cond"], tmp_path / "b.npz", "--n", "12", "--class", "all", "--guidance-scale", "1")
+    assert "'s_tmax': inf" in capsys.readouterr().out                   # class i mod K: the conditional rule
+    guided = _sample(runs["cond"], tmp_path / "g.npz", "--n", "12", "--class", "data", "--seed", "5",
+                     "--guidance-scale", "3")
+    assert (guided["labels"] == got["labels"]).all() and (guided["images"] != got["images"]).any()
+    assert "CFG w = 3" in capsys.readouterr().out
+
+
+def _plain_seeded(run, labels, seed):
+    """The conditional network, unguided, with the sampler an unconditional run gets for 2 steps."""
+    from diffusion_forge.data import to_uint8
+    from diffusion_forge.io.checkpoint import load_model_from_run
+    from diffusion_forge.sampling.generate import generate
+    from diffusion_forge.sampling.registry import default_sampler
+
+    trained = load_model_from_run(run)
+    name, options = default_sampler(2)
+    x = generate(trained, len(labels), seed=seed, sampler=name, steps=2, sampler_options=options,
+                 cond={"class_labels": torch.as_tensor(labels)}, precision="auto")
+    return to_uint8(x)
+
+
+def test_data_class_labels_follow_the_shares_and_the_seed():
+    from diffusion_forge.sampling.generate import data_class_labels
+
+    p_c = [0.7, 0.2, 0.1, 0.0]
+    y = data_class_labels(p_c, 20_000, seed=3).numpy()
+    counts = np.bincount(y, minlength=4)
+    sd = np.sqrt(20_000 * np.array(p_c) * (1 - np.array(p_c)))            # binomial standard deviations
+    assert (np.abs(counts - 20_000 * np.array(p_c)) <= 5 * sd + 1e-9).all() and counts[3] == 0
+    assert (data_class_labels(p_c, 7, seed=3).numpy() == y[:7]).all()          # a label depends on its seed only
+    assert (data_class_labels(p_c, 5, seed=5).numpy() == y[2:7]).all()         # sample i: seed + i
+    assert (data_class_labels([2, 2], 50, seed=0).numpy() == data_class_labels([0.5, 0.5], 50).numpy()).all()
+    for bad in ([], [0, 0], [1, -1], [[0.5, 0.5]], [float("nan"), 1]):
+        with pytest.raises(ValueError, match="frequencies must be"):
+            data_class_labels(bad, 3)
+
+
 def test_scale_one_is_the_conditional_model_and_zero_the_unconditional_one(runs, tmp_path):
     labels = np.arange(12) % 10
     w1 = _sample(runs["cond"], tmp_path / "w1.npz", "--n", "12", "--class", "all", "--guidance-scale", "1")
@@ -159,6 +215,7 @@ BAD = [
     ("uncond", ["--class", "3"], ["unconditional", "--conditioning class", "--classifier CLS"]),
     ("cond", ["--classifier", "{lin}", "--class", "3"], ["another noise schedule", "--like"]),
     ("cond", ["--classifier", "{moons}"], ["shape (2,)", "--like"]),
+    ("uncond", ["--classifier", "{lin}", "--class", "data"], ["--class data", "not class-conditional", "--class all"]),
     ("nodrop", ["--guidance-scale", "2"], ["conditioning.dropout=0", "conditioning.dropout > 0"]),
     ("uncond", ["--guidance-scale", "2"], ["unconditional", "--conditioning class"]),
     ("uncond", ["--autoguidance"], ["no autoguidance snapshot", "run.guide_snapshot_step", "--guide-with"]),

@@ -189,6 +189,25 @@ def test_sections_that_do_not_fit_the_data_are_refused_by_name(tmp_path, overrid
     assert not (tmp_path / "config.json").exists()
 
 
+def test_the_default_network_type_fits_the_data(tmp_path, capsys):
+    """model.type=auto (the default): `dforge train --data moons` trains the MLP on the 2-D points, an image set the
+    U-Net; an explicit model.type=unet on vectors is still refused (above)."""
+    from diffusion_forge.cli import main
+    from diffusion_forge.io.checkpoint import load_model_from_run
+    from diffusion_forge.training.build import model_config
+
+    assert T.merge_config(flags={}).model.type == "auto"
+    assert model_config(config({}), (2,))["type"] == "mlp" and model_config(config({}), (2,))["dim"] == 2
+    assert model_config(config({}), (1, 8, 8))["type"] == "unet"
+    assert model_config(config({"model.type": "mlp"}), (1, 8, 8))["dim"] == 64
+    run = tmp_path / "moons"
+    assert main(["train", "--data", "moons", "--no-progress", "--out", str(run),
+                 "--set", "optim.steps=3", "--set", "run.sample_every=0", "--set", "run.mixed_precision=no"]) == 0
+    assert "training mlp/small" in capsys.readouterr().out
+    trained = load_model_from_run(run)
+    assert tuple(trained.sample_shape) == (2,) and type(trained.model).__name__ == "MLPDenoiser"
+
+
 def test_flip_needs_images(tmp_path):
     with pytest.raises(ValueError, match=r"data.flip=true needs images, and 'moons' holds vectors"):
         T.Trainer(config({**MOONS, "data.flip": "true"}), tmp_path, progress=False)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..io.files import PLOT_SUFFIXES
 from . import HelpFormatter, UserError, add_force
-from .guidance_args import add_guidance_args, check_args, guided_denoiser
+from .guidance_args import add_guidance_args, check_args, follows_data, guided_denoiser
 
 EXAMPLES = """examples:
   dforge eval runs/mnist --n 2000                       sample 2000 images from the run, score them
@@ -135,7 +135,7 @@ def run(args) -> int:
 
         options = parse_options(args.sampler_options)
         trained = load_model_from_run(target, use_ema=not args.no_ema)
-        sampler, steps, options = run_settings(trained, args.sampler, args.steps, options)
+        sampler, steps, options = run_settings(trained, args.sampler, args.steps, options, follows_data(args))
         prompts = text_prompts(args, trained)                            # a text run: the run's prompts or --prompt
         denoiser, classes, guidance = guided_denoiser(args, trained)     # every check before any sampling
         labels = classes.labels(args.n)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..io.files import IMAGE_SUFFIXES, PLOT_SUFFIXES
 from . import HelpFormatter, UserError, add_force
-from .guidance_args import CONVENTION, _run_name, add_guidance_args, check_args, guided_denoiser
+from .guidance_args import CONVENTION, _run_name, add_guidance_args, check_args, follows_data, guided_denoiser
 
 # --precision's default: bf16 autocast where the hardware has it. benchmarks/throughput.py --fd measured it on the
 # default recipe: FD-Digits@1k 25.51 -> 25.78, less than a new draw of seeds moves it (docs/performance.md).
@@ -20,6 +20,7 @@ EXAMPLES = f"""examples:
   dforge sample runs/mnist --out samples.png                          the run's own sampler and settings
   dforge sample runs/mnist-cond --class 7 --guidance-scale 3 --out sevens.png
   dforge sample runs/mnist-cond --class all --out grid.png            a row per class, the run's recommended w
+  dforge sample runs/mnist-cond --class data --n 1000 --out x.npz      like the data: y ~ p(c), then x ~ p(x | y)
   dforge sample runs/mnist --classifier cls/ --class 3 --classifier-scale 2 --out threes.npz
   dforge sample runs/mnist --autoguidance --autoguidance-scale 2      guided by the run's kept early snapshot
   dforge sample runs/mnist-text --prompt "a handwritten three" --prompt "the digit 8" --guidance-scale 4 --n 16
@@ -145,14 +146,18 @@ def _same_kind(value, default) -> bool:
     return type(value) is type(default)
 
 
-def run_settings(trained, sampler: str | None, steps: int | None, options: dict) -> tuple[str, int, dict]:
-    """The sampler settings of a command: the run's own (config sample.*) unless named; ``auto``: by budget."""
+def run_settings(trained, sampler: str | None, steps: int | None, options: dict,
+                 like_data: bool = False) -> tuple[str, int, dict]:
+    """The sampler settings of a command: the run's own (config sample.*) unless named; ``auto``: by budget.
+    Left to the rule, a conditional run's samples take its sampler for samples with a condition, except with
+    ``like_data`` (``--class data`` unguided: they follow p(x), as an unconditional run's do)."""
     own = trained.config["sample"]
     if sampler is None:
         sampler, options = own["sampler"], {**(own.get("options") or {}), **options}
     elif sampler == "auto":
         sampler = None
-    return resolve(sampler, steps or own["steps"], options, trained.config["conditioning"]["kind"] != "none")
+    conditional = trained.config["conditioning"]["kind"] != "none" and not like_data
+    return resolve(sampler, steps or own["steps"], options, conditional)
 
 
 def check_precision(precision: str, device) -> str:
@@ -236,7 +241,7 @@ def run(args) -> int:
     if args.raw_grid and not images:
         raise UserError(f"--raw-grid draws a plain grid of images; this run's samples have shape "
                         f"{tuple(trained.sample_shape)}: leave it off")
-    sampler, steps, options = run_settings(trained, args.sampler, args.steps, options)
+    sampler, steps, options = run_settings(trained, args.sampler, args.steps, options, follows_data(args))
     prompts = text_prompts(args, trained)                                 # None: not a text run
     denoiser, classes, guidance = guided_denoiser(args, trained)          # every check before any sampling
     if args.negative_prompt is not None and (guidance.get("cfg") or {}).get("scale", 1) == 1:

@@ -7,7 +7,8 @@
   condition: the empty prompt's token states, recomputed (``models.text.restore_null_cond``), never stored;
 * the attributes sampling reads: ``.config``, ``.step``, ``.num_classes``, ``.guidance_scale`` (the scale
   recorded at training, else what the config resolves to now; None without a null condition),
-  ``.checkpoint_path``, ``.text_encoder``, ``.prompts`` (a text run's grid prompts) and ``.vae`` (a latent
+  ``.checkpoint_path``, ``.class_frequencies`` (a class-conditional run's p(c) over its training labels; None for
+  other runs and for runs trained before it was recorded), ``.text_encoder``, ``.prompts`` (a text run's grid prompts) and ``.vae`` (a latent
   run's AutoencoderKL from ``RUN/vae/``, else None), attached with ``object.__setattr__`` so that it is no
   registered submodule and the Denoiser's state_dict stays the network's.
 """
@@ -49,6 +50,7 @@ def attach_run_extras(denoiser, ckpt, config: dict, num_classes: int, text_encod
     scale = extra["guidance_scale"] if "guidance_scale" in extra else recommended_guidance_scale(config)
     denoiser.guidance_scale = scale if denoiser.model.diffusion_config.get("null_cond") else None
     denoiser.checkpoint_path = ckpt.path
+    denoiser.class_frequencies = extra.get("class_frequencies")   # p(c) of a class-conditional run's data, or None
     denoiser.text_encoder = text_encoder                 # prompts -> cond: models.text.prompt_cond(denoiser, ...)
     denoiser.prompts = extra.get("prompts")              # a text run's grid prompts (None otherwise)
     vae = None

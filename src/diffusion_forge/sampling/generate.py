@@ -15,7 +15,24 @@ from .api import check_cond, sample, sampling_autocast_dtype
 from .brownian import check_noise
 from .registry import resolve_sampler
 
-__all__ = ["generate", "slice_cond"]
+__all__ = ["generate", "slice_cond", "data_class_labels"]
+
+LABEL_STREAM = 0x1ABE1   # labels come from their own random stream, independent of the noise of seed + i
+
+
+def data_class_labels(frequencies, n: int, seed: int = 0) -> torch.Tensor:
+    """int64 (n,): class labels drawn i.i.d. from ``frequencies`` p(c) (the training set's class shares, which a
+    class-conditional run records), so that x ~ p(x | c) with them is a sample of the data distribution
+    p(x) = sum_c p(c) p(x | c). Sample i's label is the inverse CDF of u_i ~ U[0, 1) from a generator of its own
+    seeded by (seed + i, LABEL_STREAM): like its noise, it depends on its seed only, not on ``n``."""
+    import numpy as np
+
+    p = np.asarray(frequencies, dtype=np.float64)
+    if p.ndim != 1 or len(p) < 1 or not np.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"frequencies must be K >= 1 non-negative numbers with a positive sum, got {frequencies!r}")
+    cdf = np.cumsum(p / p.sum())
+    u = np.array([np.random.default_rng([LABEL_STREAM, (seed + i) % 2 ** 63]).random() for i in range(n)])
+    return torch.from_numpy(np.minimum(np.searchsorted(cdf, u, side="right"), len(p) - 1)).long()
 
 
 def slice_cond(cond: dict, lo: int, hi: int, n: int) -> dict:

@@ -45,6 +45,16 @@ def _label_info(ds) -> tuple[bool, int | None, torch.Tensor | None]:
     return bool(has), n, labels
 
 
+def class_frequencies(ds, num_classes: int) -> list[float] | None:
+    """p(c): the share of each of the K classes among the data's labels (None when the data set does not expose
+    them all), recorded with a class-conditional run so that `dforge sample --class data` can draw p(x)."""
+    labels = _label_info(ds)[2]
+    if labels is None or len(labels) == 0:
+        return None
+    counts = torch.bincount(labels.reshape(-1).long(), minlength=num_classes)[:num_classes].double()
+    return (counts / counts.sum()).tolist()
+
+
 class TrainingData:
     """The training set, fetched by indices as ``(x, cond)``; cond holds only what the run conditions on."""
 
@@ -74,6 +84,7 @@ class TrainingData:
                               f"{self.sample_shape}; drop data.flip")
         self.conditional = cfg.conditioning.kind == "class"
         self.num_classes = self._check_labels(cfg, ds) if self.conditional else 0
+        self.class_frequencies = class_frequencies(ds, self.num_classes) if self.conditional else None
 
     @staticmethod
     def _text_setup(cfg: Config, ds):
@@ -148,10 +159,15 @@ def null_class(cfg: Config, num_classes: int = 0) -> int | None:
 _NOTED_TEXT_UNET: list = []
 
 
-def network_type(cfg: Config) -> str:
-    """model.type, with text runs on diffusers_cond_unet (model.type=unet, the default, becomes it, said once);
-    a network that cannot take text, or the text U-Net without text: ConfigError."""
+def network_type(cfg: Config, sample_shape=None) -> str:
+    """model.type, resolved: ``auto`` (the default) is mlp for vectors (items of one axis: the 2-D sets),
+    diffusers_cond_unet for text runs and unet for other images; text runs with model.type=unet also get
+    diffusers_cond_unet (said once); a network that cannot take text, or the text U-Net without text:
+    ConfigError."""
     kind, text = cfg.model.type, cfg.conditioning.kind == "text"
+    if kind == "auto":
+        vectors = sample_shape is not None and len(sample_shape) == 1
+        return "mlp" if vectors and not text else "diffusers_cond_unet" if text else "unet"
     if text and kind == "unet":
         if not _NOTED_TEXT_UNET:
             _NOTED_TEXT_UNET.append(True)
@@ -173,13 +189,14 @@ def model_config(cfg: Config, sample_shape: tuple[int, ...], num_classes: int = 
     """What ``models.build_model`` gets: type, preset, the data's shape, the class embedding (K + 1 ids for
     K classes, the last one null; K when conditioning.dropout=0), the text encoder's width D for a text run's
     cross-attention, then the user's overrides (model.options)."""
-    mc: dict = {"type": network_type(cfg), "preset": cfg.model.preset}
-    if cfg.model.type == "mlp":
+    kind = network_type(cfg, sample_shape)
+    mc: dict = {"type": kind, "preset": cfg.model.preset}
+    if kind == "mlp":
         mc["dim"] = int(np.prod(sample_shape))
     else:
         if len(sample_shape) != 3:
-            raise ConfigError(f"model.type={cfg.model.type} is an image network, and the data's items have shape "
-                              f"{tuple(sample_shape)}; use model.type=mlp for vectors")
+            raise ConfigError(f"model.type={kind} is an image network, and the data's items have shape "
+                              f"{tuple(sample_shape)}; use model.type=mlp (or auto, the default) for vectors")
         mc["in_channels"] = sample_shape[0]
         mc["sample_size"] = sample_shape[-1]
     if num_classes:  # K classes, plus the null class K when the run drops labels

@@ -72,7 +72,8 @@ class DiffusionConfig:
 
 @dataclass
 class ModelConfig:
-    type: str = knob("unet", "unet | mlp | diffusers_unet", "model")
+    type: str = knob("auto", "auto (unet for images, mlp for vectors such as the 2-D sets, diffusers_cond_unet for "
+                             "text) | unet | mlp | diffusers_unet | diffusers_cond_unet", "model")
     preset: str = knob("small", "tiny | small | base", "preset")
     options: dict = knob({}, "overrides of the preset, e.g. {dropout: 0.1}", "model_options")
     init_from: str | None = knob(None, "fine-tune: start from this diffusers pipeline / UNet folder or hub id "
@@ -257,7 +258,7 @@ def validate(cfg: Config) -> None:
     choice("diffusion.noise_levels", NOISE_LEVELS)
     choice("run.mixed_precision", PRECISIONS)
     choice("optim.lr_schedule", LR_SCHEDULES)
-    choice("model.type", MODEL_TYPES)
+    choice("model.type", ("auto", *MODEL_TYPES))
     choice("conditioning.kind", CONDITIONING_KINDS)
     for dotted in ("optim.steps", "optim.batch_size", "optim.grad_accum", "diffusion.num_timesteps", "run.log_every",
                    "sample.n", "sample.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.eval_n"):

@@ -191,6 +191,7 @@ class Trainer:
             extra = {"model_config": self.model_config, "schedule": self.schedule.to_dict(),
                      "diffusion_config": diffusion, "sample_shape": list(self.sample_shape),
                      "num_classes": self.num_classes, "guidance_scale": self.guidance_scale,
+                     "class_frequencies": self.data.class_frequencies,
                      "num_threads": torch.get_num_threads(), "num_processes": self.world, "precision": self.precision,
                      "weights_digests": digests}
             if self.text_encoder is not None:
