@@ -255,6 +255,22 @@ def test_bad_guidance_input_is_one_line_naming_the_fix(runs, classifiers, tmp_pa
 # ---------------------------------------------------------------------------------------------
 # eval and viz guidance
 
+def test_eval_class_data_scores_samples_that_follow_the_data(runs, tmp_path):
+    from diffusion_forge.io.checkpoint import load_model_from_run
+    from diffusion_forge.sampling.generate import data_class_labels
+
+    report = tmp_path / "e.json"
+    assert main(["eval", str(runs["cond"]), "--class", "data", "--n", "10", "--steps", "2", "--seed", "3", "--no-kid",
+                 "--no-pr", "--no-memorization", "--nll-n", "2", "--nll-t", "2", "--json", str(report),
+                 "--save-samples", str(tmp_path / "s.npz")]) == 0
+    got = json.loads(report.read_text())
+    assert got["guidance"]["class"] == "data" and got["guidance"]["cfg"]["scale"] == 1.0
+    assert got["sampler_options"]["s_tmax"] == 5.0                      # the rule of unconditional samples
+    with np.load(tmp_path / "s.npz") as f:
+        p_c = load_model_from_run(runs["cond"]).class_frequencies
+        assert (f["labels"] == data_class_labels(p_c, 10, seed=3).numpy()).all()
+
+
 def test_eval_scores_guided_samples_and_reports_the_guidance(runs, tmp_path, capsys):
     report = tmp_path / "e.json"
     assert main(["eval", str(runs["cond"]), "--class", "all", "--guidance-scale", "2", "--n", "10", "--steps", "2",
