@@ -8,9 +8,9 @@
 * the attributes sampling reads: ``.config``, ``.step``, ``.num_classes``, ``.guidance_scale`` (the scale
   recorded at training, else what the config resolves to now; None without a null condition),
   ``.checkpoint_path``, ``.class_frequencies`` (a class-conditional run's p(c) over its training labels; None for
-  other runs and for runs trained before it was recorded), ``.text_encoder``, ``.prompts`` (a text run's grid prompts) and ``.vae`` (a latent
-  run's AutoencoderKL from ``RUN/vae/``, else None), attached with ``object.__setattr__`` so that it is no
-  registered submodule and the Denoiser's state_dict stays the network's.
+  other runs and for runs trained before it was recorded), ``.text_encoder``, ``.prompts`` (a text run's grid
+  prompts) and ``.vae`` (a latent run's AutoencoderKL from ``RUN/vae/``, else None), attached with
+  ``object.__setattr__`` so that it is no registered submodule and the Denoiser's state_dict stays the network's.
 """
 from __future__ import annotations
 
