@@ -115,10 +115,8 @@ def follows_data(args) -> bool:
     --guidance-scale other than 1, no classifier, no autoguidance). The sampler rule then treats them as an
     unconditional run's samples (sampling.registry.DEFAULT_SAMPLERS): measured on two class-conditional MNIST
     runs, it gives lower FD-Digits and higher recall than the rule for guided samples (docs/training.md)."""
-    text = getattr(args, "class_", None)
-    return (text is not None and text.strip().lower() == "data" and getattr(args, "guidance_scale", None) in (None, 1)
-            and getattr(args, "classifier", None) is None and getattr(args, "autoguidance", None) is None
-            and getattr(args, "guide_with", None) is None)
+    return (parse_class(getattr(args, "class_", None)) == "data" and getattr(args, "guidance_scale", None) in (None, 1)
+            and all(getattr(args, flag, None) is None for flag in ("classifier", "autoguidance", "guide_with")))
 
 
 def parse_interval(text: str | None) -> tuple[float, float] | None:

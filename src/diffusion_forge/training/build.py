@@ -166,8 +166,9 @@ def network_type(cfg: Config, sample_shape=None) -> str:
     ConfigError."""
     kind, text = cfg.model.type, cfg.conditioning.kind == "text"
     if kind == "auto":
-        vectors = sample_shape is not None and len(sample_shape) == 1
-        return "mlp" if vectors and not text else "diffusers_cond_unet" if text else "unet"
+        if text:
+            return "diffusers_cond_unet"
+        return "mlp" if sample_shape is not None and len(sample_shape) == 1 else "unet"
     if text and kind == "unet":
         if not _NOTED_TEXT_UNET:
             _NOTED_TEXT_UNET.append(True)
