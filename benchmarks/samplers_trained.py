@@ -14,7 +14,9 @@ the Karras and exponential grids. Colour runs (3 channels, e.g. emoji at 32 px):
 ``--top`` best of the MNIST runs in --out's results.json or --ranking's (else the full sweep). Every run also
 gets the registry's current default per budget and up to three references at ``--reference-steps`` NFE:
 euler_ancestral (eta 1), the current default and the best stochastic setting at the largest budget. Same
-per-sample seeds (sample i: seed i) in every row.
+per-sample seeds (sample i: seed i) in every row. A class-conditional run (``dforge train --conditioning class``)
+is sampled as ``dforge sample RUN --class data`` samples it: sample i's class drawn from the training set's shares
+p(c) by seed i (``data_class_labels``), no guidance, and the unconditional rule's default sampler.
 FD = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) between Gaussians fitted to features: FD-Digits
 against the MNIST test set, FD-EffNet against the whole colour data set; precision / recall: k = 3
 nearest-neighbour manifolds against n real images. Targets: FD at 10 NFE <= 1.2 x, at 20 NFE <= 1.1 x, the best
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import diffusion_forge as df
 from diffusion_forge import evaluate
 from diffusion_forge.data import load_mnist, to_uint8
-from diffusion_forge.sampling.generate import generate
+from diffusion_forge.sampling.generate import data_class_labels, generate
 from diffusion_forge.sampling.registry import SAMPLERS, resolve_sampler
 
 GRIDS = ("default", "karras", "exponential")
@@ -196,12 +198,18 @@ def run_info(path: str, device: str, dry: bool) -> dict:
         colour = "emoji" in p.name.lower()
         print(f"note: {p} is not trained yet; planning it as {'emoji 3x32x32' if colour else 'MNIST 1x28x28'}")
         return {"path": str(p), "kind": "colour" if colour else "mnist", "data": "emoji" if colour else "mnist",
-                "shape": (3, 32, 32) if colour else (1, 28, 28), "D": None, "step": None}
+                "shape": (3, 32, 32) if colour else (1, 28, 28), "D": None, "step": None, "class_frequencies": None}
     D = df.load_model_from_run(p, device=device)
     cfg, shape = D.config, tuple(D.sample_shape)
-    data = cfg["data"]["source"]
-    if getattr(D, "vae", None) is not None or cfg["conditioning"]["kind"] != "none":
-        raise SystemExit(f"{p}: this benchmark scores unconditional pixel-space runs (this one is latent or conditional)")
+    data, kind = cfg["data"]["source"], cfg["conditioning"]["kind"]
+    if getattr(D, "vae", None) is not None or kind not in ("none", "class"):
+        raise SystemExit(f"{p}: this benchmark scores pixel-space runs, unconditional or class-conditional "
+                         f"(this one is {'latent' if getattr(D, 'vae', None) is not None else kind + '-conditioned'})")
+    p_c = getattr(D, "class_frequencies", None)
+    if kind == "class" and p_c is None:
+        raise SystemExit(f"{p}: a class-conditional run is scored as `dforge sample --class data` samples it, with "
+                         "classes drawn from the training set's shares p(c), and this run records none (trained "
+                         "before runs recorded them): train it again")
     if str(data).lower() == "mnist" and shape == (1, 28, 28):
         kind = "mnist"
     elif shape[0] == 3:
@@ -209,7 +217,8 @@ def run_info(path: str, device: str, dry: bool) -> dict:
     else:
         raise SystemExit(f"{p}: data {data!r} of shape {shape}: scored are MNIST (1x28x28) and colour (3-channel) runs")
     return {"path": str(p), "kind": kind, "data": data, "shape": shape, "D": D, "step": D.step,
-            "image_size": cfg["data"].get("image_size"), "channels": cfg["data"].get("channels")}
+            "image_size": cfg["data"].get("image_size"), "channels": cfg["data"].get("channels"),
+            "class_frequencies": p_c}
 
 
 def rank(records: list[dict], budget: int, grids=GRIDS) -> list[tuple[dict, str, float]]:
@@ -237,6 +246,12 @@ class Bench:
             rec["floor"] = self.scorer.floor()
             save()
 
+    def cond(self, seed: int) -> dict | None:
+        """A class-conditional run's labels, as ``dforge sample --class data`` draws them: y_i ~ p(c) for sample
+        i from seed i alone (no guidance: one network call per step, and x_i ~ p(x | y_i) follows p(x))."""
+        p_c = self.info["class_frequencies"]
+        return None if p_c is None else {"class_labels": data_class_labels(p_c, self.n, seed=seed)}
+
     def measure(self, v: dict, grid: str, budget: int, where: str = "rows", seed: int | None = None) -> dict | None:
         """One row: n samples of seeds seed..seed + n - 1 (the sweep: --seed; the confirmation block: --seed + n)."""
         seed = self.seed if seed is None else seed
@@ -250,7 +265,7 @@ class Bench:
         D, t0 = self.info["D"], time.perf_counter()
         D.nfe = 0
         x = generate(D, self.n, seed=seed, sampler=v["sampler"], steps=steps, sampler_options=v["options"],
-                     sigmas=grid, batch_size=BATCH, progress=True, precision=PRECISION)
+                     sigmas=grid, batch_size=BATCH, progress=True, precision=PRECISION, cond=self.cond(seed))
         nfe = D.nfe / math.ceil(self.n / BATCH)                  # network calls per sample, counted
         bad = float((~torch.isfinite(x).flatten(1).all(1)).float().mean())
         row = {**v, "grid": grid, "budget": budget, "steps": steps, "nfe": nfe, "nonfinite": bad, "seed": seed,
@@ -370,7 +385,9 @@ def checks(rec: dict, budgets, ref_nfe: int) -> dict:
 def markdown(path: str, rec: dict, budgets, ref_nfe: int) -> str:
     info, floor = rec["info"], rec["floor"]
     head = (f"### {path}: {info['kind']} {'x'.join(map(str, info['shape']))}, step {info['step']}, "
-            f"{rec['metric']}@{evaluate.count_label(rec['n'])}\n\nEach cell: FD (precision / recall"
+            f"{rec['metric']}@{evaluate.count_label(rec['n'])}"
+            + (", class-conditional, classes drawn from p(c) (`--class data`, w = 1)" if info.get("classes") else "")
+            + "\n\nEach cell: FD (precision / recall"
             f"{', smallest-largest digit share' if info['kind'] == 'mnist' else ''}); rows by FD at "
             f"{rank_budget(budgets)} NFE.\n\n| sampler | options | grid | " + " | ".join(f"{b} NFE" for b in budgets)
             + " |\n|---|---|---|" + "---|" * len(budgets))
@@ -517,6 +534,8 @@ def main(argv=None) -> int:
         print(f"\n{info['path']}: {info['kind']} {info['shape']}, step {info['step']}", flush=True)
         rec = results["runs"].setdefault(info["path"], {"rows": [], "reference": []})
         rec.update(info={k: info[k] for k in ("kind", "data", "shape", "step")}, n=args.n)
+        if info["class_frequencies"] is not None:       # a class-conditional run, sampled like the data
+            rec["info"]["classes"] = "data"
         bench = Bench(info, rec, args.n, save, effnet=args.effnet, seed=args.seed)
         rec["metric"] = bench.scorer.label
         ranking = rank(mnist(), rank_budget(args.budgets)) if info["kind"] == "colour" and mnist() else None

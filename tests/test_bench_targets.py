@@ -66,3 +66,42 @@ def test_the_drift_table_counts_shares_and_moved_labels():
     assert cells[0][2 + 8] == "100.0" and cells[0][-1] == "100.0"          # all eights, none final
     assert cells[1][2 + 9] == "50.0" and cells[1][-1] == "25.0"            # one of four moves 9 -> 4
     assert (cells[2][2 + 4], cells[2][2 + 9], cells[2][-1]) == ("50.0", "25.0", "0.0")
+
+
+def test_a_class_conditional_run_is_scored_with_labels_drawn_like_the_data(monkeypatch):
+    """samplers_trained on a class-conditional run: every row's sample i gets y_i ~ p(c) from seed i (as
+    `dforge sample --class data`), on the sweep's block and on the confirmation block, and no guidance."""
+    import torch
+
+    from diffusion_forge.sampling.generate import data_class_labels
+
+    seen = []
+
+    def fake_generate(D, n, seed=0, cond=None, **kw):
+        seen.append((seed, cond, kw.get("guidance_scale")))
+        return torch.zeros(n, 1, 4, 4)
+
+    class Score:
+        def score(self, images):
+            return {"fd": 1.0, "precision": 1.0, "recall": 1.0}
+
+    class Net:
+        nfe = 0
+
+    p_c = [0.5, 0.0, 0.3, 0.2]
+    monkeypatch.setattr(st, "generate", fake_generate)
+    bench = st.Bench.__new__(st.Bench)
+    bench.info, bench.rec, bench.n, bench.seed = {"D": Net(), "class_frequencies": p_c}, {}, 40, 7
+    bench.save, bench.scorer = (lambda: None), Score()
+    v = st.current_default(10)
+    bench.measure(v, "default", 10)
+    bench.measure(v, "default", 10, where="confirm", seed=bench.seed + bench.n)
+    assert [s for s, _, _ in seen] == [7, 47]
+    for seed, cond, w in seen:
+        labels = cond["class_labels"]
+        assert torch.equal(labels, data_class_labels(p_c, 40, seed=seed)) and w is None
+        assert not (labels == 1).any()                                  # a class of share 0 is never drawn
+    assert not torch.equal(seen[0][1]["class_labels"], seen[1][1]["class_labels"])   # a new block, new labels
+    bench.info["class_frequencies"] = None                              # an unconditional run: no labels
+    bench.measure(st.variant("euler"), "default", 10)
+    assert seen[-1][1] is None

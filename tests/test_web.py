@@ -36,6 +36,20 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="module")
+def tiny_class_run(tmp_path_factory):
+    """tiny_run's recipe, class-conditional (label dropout 0.1: a null class): it records the digits' p(c)."""
+    from test_cli import IMAGE_RUN
+
+    from diffusion_forge.cli import main
+
+    run = tmp_path_factory.getbasetemp() / "web-tiny-class-run"
+    if not (run / "checkpoints").is_dir():
+        torch.set_num_threads(1)
+        assert main(["train", "--out", str(run), *IMAGE_RUN, "--set", "conditioning.kind=class"]) == 0
+    return run
+
+
 @contextlib.contextmanager
 def serving(models, outdir, max_queue: int = 32):
     """The page on a free loopback port, in this process; closed on exit. Yields (app, url)."""
@@ -249,6 +263,61 @@ def test_missing_models_and_foreign_folders_are_one_line(tmp_path):
         store.get(tmp_path)
     with pytest.raises(ValueError, match="pick a model"):
         store.get("")
+
+
+def test_class_data_draws_the_cli_labels_unguided_with_the_unconditional_rule(tiny_class_run, tmp_path):
+    """class "data": image i's label is data_class_labels(p(c), n, seed)[i], as `dforge sample --class data
+    --seed SEED`; no guidance and the sampler rule of unconditional samples unless w is given."""
+    from diffusion_forge.sampling.generate import data_class_labels, generate
+    from diffusion_forge.sampling.registry import resolve_sampler
+
+    D = gen.ModelStore().get(tiny_class_run)
+    p_c = D.class_frequencies
+    assert len(p_c) == 10 and gen.model_facts(D)["guidable"] and D.guidance_scale is not None
+    req = gen.check_request(D, gen.OWN, 4, seed=7, n=6, class_="data")        # own sampler none: the rule
+    assert req.labels.tolist() == data_class_labels(p_c, 6, 7).tolist() and req.guidance is None
+    assert req.labels.tolist() != (torch.arange(6) % 10).tolist()             # not the class i mod K of "all"
+    assert (req.sampler, req.steps, req.options) == resolve_sampler(None, 4, {}, conditional=False)
+    assert (req.sampler, req.steps, req.options) != resolve_sampler(None, 4, {}, conditional=True)
+    assert gen.guided(D, req)[0] is D                                        # no CFG wrapper
+    last = list(gen.stream(D, req, tmp_path, every=0, figures=False))[-1]
+    direct = generate(D, 6, seed=7, cond={"class_labels": data_class_labels(p_c, 6, 7)}, sampler=req.sampler,
+                      steps=req.steps, sampler_options=req.options)
+    torch.testing.assert_close(last["samples"], direct, rtol=0, atol=0)
+    assert "classes drawn from the training set's shares" in last["text"] and "w =" not in last["text"]
+    # a named sampler is kept; w = 1 given is still unguided and the unconditional rule
+    assert gen.check_request(D, "heun", 4, n=2, class_="data").sampler == "heun"
+    one = gen.check_request(D, "auto", 4, n=2, class_="data", guidance=1)
+    assert (one.sampler, one.steps, one.options) == resolve_sampler(None, 4, {}, conditional=False)
+    # w = 2 given: classifier-free guidance on the same labels, and the rule of conditional samples
+    two = gen.check_request(D, "auto", 4, seed=7, n=6, class_="data", guidance=2)
+    assert two.labels.tolist() == req.labels.tolist() and two.guidance == 2
+    assert (two.sampler, two.steps, two.options) == resolve_sampler(None, 4, {}, conditional=True)
+    assert gen.guided(D, two)[0].scale == 2
+    path, samples, _ = gen.compare(D, "euler", "heun", 2, 7, 3, tmp_path, class_="data")   # the Compare tab
+    assert path.is_file()
+    torch.testing.assert_close(samples["euler"], generate(D, 3, seed=7, sampler="euler", steps=2,
+                                                          cond={"class_labels": data_class_labels(p_c, 3, 7)}),
+                               rtol=0, atol=0)
+
+
+def test_class_data_is_offered_and_refused_where_the_run_has_no_shares(tiny_class_run):
+    from diffusion_forge.web.callbacks import DATA_CHOICE, Callbacks
+
+    D = gen.ModelStore().get(tiny_class_run)
+    page = Callbacks(None, types.SimpleNamespace(get=lambda m: D))
+    choices = page.controls("m")[0]["choices"]
+    assert choices[:2] == ["all", (DATA_CHOICE, "data")] and choices[2:] == [str(c) for c in range(10)]
+    assert page.class_guidance("m", "data", "all")[0]["value"] == 1          # data: w = 1, unguided
+    assert page.class_guidance("m", "3", "data")[0]["value"] == D.guidance_scale   # back: the run's w
+    assert "value" not in page.class_guidance("m", "3", "all")[0]           # else what the box holds stays
+    with pytest.raises(ValueError, match="this model is unconditional: it has no classes"):
+        gen.check_request(_fake(), "euler", 4, class_="data")
+    D.class_frequencies = None                                               # a run trained before p(c) was kept
+    assert "data" not in [c[1] for c in page.controls("m")[0]["choices"] if isinstance(c, tuple)]
+    with pytest.raises(ValueError, match=r"records no class shares \(trained before runs recorded them\): pick "
+                                         "all or a class id"):
+        gen.check_request(D, "euler", 4, class_="data")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -116,8 +116,11 @@ def _generate_tab(fn, found, sampling):
         seed = gr.Number(0, precision=0, label="seed (image i: seed + i)")
         n = gr.Number(16, precision=0, label=f"images (1..{gen.MAX_N})")
     with gr.Row():
-        class_ = gr.Dropdown(["none"], value="none", allow_custom_value=True, label="class", visible=False)
+        class_ = gr.Dropdown(["none"], value="none", allow_custom_value=True, visible=False,
+                             label="class (all: image i gets class i mod K; data: drawn from the training set's "
+                                   "shares, unguided)")
         guidance = gr.Number(1, label="guidance scale w (1: the conditional model)", visible=False)
+        last_class = gr.State("none")        # the class before a change: leaving "data" restores the run's w
         prompt = gr.Textbox(label="prompt", visible=False)
         negative = gr.Textbox(label="negative prompt (replaces the null condition)", visible=False)
     figures = gr.Checkbox(True, label="labelled figures (matplotlib, about a second more)")
@@ -132,6 +135,7 @@ def _generate_tab(fn, found, sampling):
     files = gr.File(label="files", file_count="multiple", interactive=False)
     controls = [class_, guidance, prompt, negative, steps, info]
     model.change(fn["controls"], model, controls, api_name=False)
+    class_.change(fn["class_guidance"], [model, class_, last_class], [guidance, last_class], api_name=False)
     event = go.click(fn["generate"], [model, sampler, steps, seed, n, class_, guidance, prompt, negative, figures],
                      [status, live, grid, traj, files], api_name="generate", **sampling)
     stop.click(fn["cancel"], None, status, cancels=[event], queue=False, api_name="cancel")
@@ -148,7 +152,8 @@ def _compare_tab(fn, found, sampling) -> None:
         seed = gr.Number(0, precision=0, label="seed")
         n = gr.Number(8, precision=0, label=f"images (1..{gen.MAX_N})")
     with gr.Row():
-        class_ = gr.Textbox("all", label="class (all, none or 0..K-1; class-conditional models)")
+        class_ = gr.Textbox("all", label="class (all, data, none or 0..K-1; class-conditional models; data: "
+                                         "drawn from the training set's shares, unguided unless w is given)")
         guidance = gr.Textbox("", label="guidance scale w (empty: the run's own)")
     go = gr.Button("Compare", variant="primary")
     status = gr.Textbox(label="status", interactive=False)

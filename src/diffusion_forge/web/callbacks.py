@@ -14,6 +14,7 @@ from . import generation as gen
 from . import handlers as h
 
 DOWNLOAD = ["download", "fullscreen"]
+DATA_CHOICE = "data (drawn from the training set's shares)"   # the class dropdown's label of the value "data"
 
 
 def message(e: BaseException) -> str:
@@ -80,7 +81,9 @@ class Callbacks:
             return (gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), "pick a model")
         f = gen.model_facts(self.store.get(model))
         K = f["num_classes"]
-        classes = ["all", *map(str, range(K))] if K else ["none"]
+        # "data" (shown with what it means; its value stays "data") where the run recorded its class shares p(c)
+        data = [(DATA_CHOICE, "data")] if K and f["class_shares"] is not None else []
+        classes = ["all", *data, *map(str, range(K))] if K else ["none"]
         own = f["sampler"]
         if own is None:                      # sample.sampler none: the registry's default for the budget
             from ..sampling.registry import default_sampler
@@ -94,6 +97,21 @@ class Callbacks:
         return (gr.update(choices=classes, value=classes[0], visible=bool(K)),
                 gr.update(value=f["guidance_scale"] if f["guidable"] else 1, visible=f["guidable"]),
                 gr.update(visible=f["text"]), gr.update(visible=f["text"]), gr.update(value=f["steps"]), info)
+
+    def class_guidance(self, model, class_, previous):
+        """(guidance box, the class now): picking "data" sets w = 1, so the images follow the data as with
+        `dforge sample --class data` (no guidance); leaving "data" restores the model's recommended w; any other
+        change keeps what the box holds."""
+        if not model or class_ == previous:
+            return gr.update(), class_
+        f = gen.model_facts(self.store.get(model))
+        if not f["guidable"]:
+            return gr.update(), class_
+        if class_ == "data":
+            return gr.update(value=1), class_
+        if previous == "data":
+            return gr.update(value=f["guidance_scale"] or 1), class_
+        return gr.update(), class_
 
     def generate(self, model, sampler, steps, seed, n, class_, guidance, prompt="", negative="", figures=True,
                  request: gr.Request = None, progress=gr.Progress()):
@@ -146,7 +164,8 @@ class Callbacks:
 def wrapped(cb: Callbacks) -> dict:
     """The callbacks as the page registers them: each behind :func:`guard` / :func:`guard_stream`."""
     out = {}
-    for name in ("schedules", "forward", "forward_2d", "controls", "cancel", "compare", "run_view"):
+    for name in ("schedules", "forward", "forward_2d", "controls", "class_guidance", "cancel", "compare",
+                 "run_view"):
         out[name] = guard(getattr(cb, name))
     out["generate"] = guard_stream(cb.generate)
     return out

@@ -73,10 +73,12 @@ def pipeline_loader():
 
 
 def model_facts(D) -> dict:
-    """What the page offers for a model: classes (K, 0 for none), guidance (a null condition to guide
-    against, and the recommended scale w), a prompt (a ``.text_encoder``), its sampler defaults."""
+    """What the page offers for a model: classes (K, 0 for none; the training set's class shares p(c) that the
+    run recorded, for the class "data"), guidance (a null condition to guide against, and the recommended
+    scale w), a prompt (a ``.text_encoder``), its sampler defaults."""
     own = (getattr(D, "config", None) or {}).get("sample", {}) or {}
     return {"num_classes": int(getattr(D, "num_classes", 0) or 0), "guidable": bool(getattr(D, "null_cond", None)),
+            "class_shares": getattr(D, "class_frequencies", None),     # p(c) of the training labels, or None
             "guidance_scale": getattr(D, "guidance_scale", None), "text": getattr(D, "text_encoder", None) is not None,
             "sampler": own.get("sampler"), "steps": int(own.get("steps") or 20),
             "sample_shape": tuple(getattr(D, "sample_shape", ()) or ()), "step": getattr(D, "step", None)}
@@ -95,6 +97,7 @@ class Request:
     prompt: str | None = None
     negative: str | None = None
     text: dict = field(default_factory=dict)
+    classes: str | None = None       # "data": the labels were drawn from the training set's shares p(c)
 
 
 def _int(value, what: str, lo: int, hi: int | None) -> int:
@@ -114,7 +117,12 @@ def check_request(D, sampler=None, steps=None, seed=0, n=16, class_=None, guidan
                   negative=None) -> Request:
     """Every check before any sampling: the sampler and its step count (1..MAX_STEPS), the seed, n
     (1..MAX_N), the class (needs a class-conditional model), the guidance scale (needs a null condition),
-    the prompt (needs a text model). A bad value is a ValueError saying what to change."""
+    the prompt (needs a text model). A bad value is a ValueError saying what to change.
+
+    The class: "all" (image i: class i mod K), "none", a class id 0..K-1, or "data" (as `dforge sample
+    --class data`): image i's class drawn from the training set's shares p(c) with seed + i, unguided unless a
+    guidance scale is given, and then the sampler rule of unconditional samples (they follow p(x))."""
+    from ..sampling.generate import data_class_labels
     from ..sampling.registry import SAMPLERS, resolve_sampler
 
     facts = model_facts(D)
@@ -129,9 +137,16 @@ def check_request(D, sampler=None, steps=None, seed=0, n=16, class_=None, guidan
     if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from: {', '.join(SAMPLERS)} (or auto)")
     K = facts["num_classes"]
-    sampler, steps, options = resolve_sampler(sampler, steps, options, conditional=bool(K or facts["text"]))
+    class_ = None if class_ is None else str(class_).strip().lower()
     labels = None
-    if class_ not in (None, "", "all", "none"):
+    if class_ == "data":
+        why = ("is unconditional: it has no classes (leave the class on none)" if not K else
+               "records no class shares (trained before runs recorded them): pick all or a class id")
+        if not K or facts["class_shares"] is None:
+            raise ValueError(f"the class data draws each image's class from the shares p(c) of the run's training "
+                             f"labels, and this model {why}")
+        labels = data_class_labels(facts["class_shares"], n, seed)   # y_i ~ p(c), from seed + i (as the CLI)
+    elif class_ not in (None, "", "all", "none"):
         if not K:
             raise ValueError("this model is unconditional: it has no classes to pick (leave the class on none)")
         c = _int(class_, "the class", 0, K - 1)
@@ -154,9 +169,16 @@ def check_request(D, sampler=None, steps=None, seed=0, n=16, class_=None, guidan
             guidance = None
         elif not 0 <= guidance <= 50:
             raise ValueError(f"the guidance scale must lie in [0, 50], got {guidance:g}")
-    else:
+    elif class_ != "data":                                 # "data": p(x) = sum_c p(c) p(x | c), the unguided model
         guidance = facts["guidance_scale"] if facts["guidable"] else None
-    return Request(sampler, steps, options, seed, n, labels, guidance, prompt, negative)
+    else:
+        guidance = None
+    # the samples follow the data (class "data", w = 1): the sampler rule of an unconditional run's samples
+    like_data = class_ == "data" and guidance in (None, 1)
+    sampler, steps, options = resolve_sampler(sampler, steps, options,
+                                              conditional=bool(K or facts["text"]) and not like_data)
+    return Request(sampler, steps, options, seed, n, labels, guidance, prompt, negative,
+                   classes="data" if class_ == "data" else None)
 
 
 def guided(D, req: Request) -> tuple[object, dict]:
@@ -302,7 +324,9 @@ def _write_strip(picture, path) -> None:
 
 def _describe(req: Request) -> str:
     parts = []
-    if req.labels is not None:
+    if req.classes == "data":
+        parts.append("classes drawn from the training set's shares")
+    elif req.labels is not None:
         same = bool((req.labels == req.labels[0]).all()) and len(req.labels) > 1
         parts.append(f"class {int(req.labels[0])}" if same or len(req.labels) == 1 else "class i mod K")
     if req.prompt:
