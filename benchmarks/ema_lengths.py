@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from samplers_trained import DigitScorer, fmt_row  # noqa: E402
+from sampler_tables import fmt_row  # noqa: E402
+from samplers_trained import DigitScorer  # noqa: E402
 
 from diffusion_forge.data import to_uint8  # noqa: E402
 from diffusion_forge.io.checkpoint import load_model_from_run  # noqa: E402

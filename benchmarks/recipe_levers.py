@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from samplers_trained import DigitScorer, fmt_row  # noqa: E402
+from sampler_tables import fmt_row  # noqa: E402
+from samplers_trained import DigitScorer  # noqa: E402
 
 from diffusion_forge.data import load_mnist, to_uint8  # noqa: E402
 from diffusion_forge.io.checkpoint import load_model_from_run  # noqa: E402

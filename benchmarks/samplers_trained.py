@@ -24,6 +24,10 @@ FD of any row. ``--effnet`` (MNIST runs) scores every row a second time, in the 
 chose nothing here: FD-EffNet against 5,000 MNIST test images (floor: the same n training images), and checks
 the targets under it too. The two disagree where samples differ in what a digit classifier ignores (faint
 background noise, blur): docs/samplers.md, "Ten NFE". Details: docs/samplers.md, "On trained networks".
+
+This file: the scorers, loading a run, the measuring (Bench, the sweep, the confirmation block), the plan and
+main. What a row is (variants, keys, labels, the current default, the ranking): benchmarks/sampler_rows.py; the
+records turned into verdicts and tables (the targets' checks, table.md, the printout): benchmarks/sampler_tables.py.
 """
 from __future__ import annotations
 
@@ -43,78 +47,15 @@ import diffusion_forge as df
 from diffusion_forge import evaluate
 from diffusion_forge.data import load_mnist, to_uint8
 from diffusion_forge.sampling.generate import data_class_labels, generate
-from diffusion_forge.sampling.registry import SAMPLERS, resolve_sampler
+from diffusion_forge.sampling.registry import SAMPLERS
+from sampler_rows import current_default, key, label, rank, rank_budget, sweep_variants, variant
+from sampler_tables import checks, fmt_row, metrics_of, report, target_rows, top_nfe
 
-GRIDS = ("default", "karras", "exponential")
-TARGETS = {10: 1.2, 20: 1.1}          # budget -> allowed FD / best FD at up to the reference NFE
 MS_PER_IMAGE_NFE = 1.0                # the lead's machine, a 28x28 image under bf16 autocast (1.8 in fp32)
 PRECISION = "auto"                    # bf16 where the CPU has it: moves FD-Digits@1k by 0.26, less than a new
                                       # draw of seeds (benchmarks/throughput.py --fd, docs/performance.md)
 BATCH = 250
 EFFNET_REAL = 5000                    # MNIST test images behind the second instrument (--effnet)
-
-
-# Rows: a variant is {"sampler", "options" (those that differ from its defaults)}; a row adds grid and budget
-
-def variant(name: str, options: dict | None = None) -> dict:
-    spec = SAMPLERS[name]
-    merged = {**spec.options, **(options or {})}
-    return {"sampler": name, "options": {k: v for k, v in merged.items() if v != spec.options[k]}}
-
-
-def key(v: dict, grid: str) -> str:
-    return f"{v['sampler']}|{json.dumps(v['options'], sort_keys=True)}|{grid}"
-
-
-def opts_text(v: dict) -> str:
-    return ",".join(f"{k}={x}" for k, x in sorted(v["options"].items()))
-
-
-def label(v: dict, grid: str | None = None) -> str:
-    return v["sampler"] + (f":{opts_text(v)}" if v["options"] else "") + (f" @{grid}" if grid else "")
-
-
-def parse_variant(text: str) -> dict:
-    """"euler_ancestral:eta=1.8" -> a variant; option values take the kind of the sampler's default."""
-    name, _, opts = text.partition(":")
-    if name not in SAMPLERS:
-        raise SystemExit(f"--samplers: unknown sampler {name!r}; choose from: {', '.join(SAMPLERS)}")
-    spec, options = SAMPLERS[name], {}
-    for item in filter(None, opts.split(",")):
-        k, eq, value = item.partition("=")
-        if not eq or k not in spec.options:
-            raise SystemExit(f"--samplers {text}: write NAME:KEY=VALUE,...; {name} takes: "
-                             f"{', '.join(spec.options) or 'no options'}")
-        default = spec.options[k]
-        try:
-            options[k] = value.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(value)
-        except ValueError:
-            raise SystemExit(f"--samplers {text}: {k} must be a {type(default).__name__}") from None
-    return variant(name, options)
-
-
-def sweep_variants(selected: list[str] | None) -> list[dict]:
-    """Every sampler at its defaults, plus the extra settings; ``selected`` names (all settings of a sampler)
-    or NAME:OPTIONS (that one setting) restrict it."""
-    extra = [("euler_ancestral", {"eta": eta}) for eta in (1.2, 1.4, 1.6, 1.8)]   # more fresh noise than DDPM's
-    extra += [("dpmpp_2m_sde", {"eta": eta}) for eta in (1.4, 3.0, 5.0, 8.0)]   # eta > 1: nearly denoise + re-noise
-    extra += [("dpmpp_2m_sde", {"eta": eta, "s_tmax": top}) for eta, top in ((5.0, 3.0), (5.0, 5.0), (8.0, 5.0))]
-    extra += [("euler_ancestral", {"eta": 1.4, "s_tmax": 5.0})]       # deterministic above sigma s_tmax
-    extra += [("ipndm", {"afs": True, "free_last_step": True})]
-    pool = [variant(n) for n in SAMPLERS] + [variant(n, o) for n, o in extra]
-    if selected:
-        names = {parse_variant(s)["sampler"] for s in selected if ":" not in s}   # checks the names
-        pool = [v for v in pool if v["sampler"] in names] + [parse_variant(s) for s in selected if ":" in s]
-    unique = {}
-    for v in pool:
-        unique.setdefault(key(v, ""), v)
-    return list(unique.values())
-
-
-def current_default(budget: int) -> dict:
-    """What ``df.sample(steps=budget)`` runs today (registry.resolve_sampler with no sampler), default grid."""
-    name, _, options = resolve_sampler(None, budget)
-    return variant(name, options)
 
 
 # Scores
@@ -221,20 +162,6 @@ def run_info(path: str, device: str, dry: bool) -> dict:
             "class_frequencies": p_c}
 
 
-def rank(records: list[dict], budget: int, grids=GRIDS) -> list[tuple[dict, str, float]]:
-    """(variant, grid, mean FD / best FD at ``budget``) of the rows measured in every record, best first."""
-    ratios: dict[str, list] = {}
-    used = [r for r in records if any(row["budget"] == budget for row in r["rows"])]
-    for rec in used:
-        rows = [row for row in rec["rows"] if row["budget"] == budget and row["grid"] in grids]
-        best = max(min(row["fd"] for row in rows), 1e-12) if rows else 1.0
-        for row in rows:
-            ratios.setdefault(key(row, row["grid"]), []).append((row["fd"] / best, row))
-    out = [(variant(v[0][1]["sampler"], v[0][1]["options"]), v[0][1]["grid"], float(np.mean([r for r, _ in v])))
-           for v in ratios.values() if len(v) == len(used)]
-    return sorted(out, key=lambda t: t[2])
-
-
 class Bench:
     """Measures rows on one run, skipping those already in its record, and saves after each."""
 
@@ -305,22 +232,6 @@ def bench_run(bench: Bench, args, variants: list[dict], ranking) -> None:
         bench.measure(v, grid, args.reference_steps, where="reference")
 
 
-def target_rows(rec: dict, metric: str) -> dict[str, dict]:
-    """The rows a target compares, by role: the best row at any NFE, and per target budget the default and the
-    best row there (by ``metric``, on the sweep's seeds)."""
-    rows = rec["rows"] + rec["reference"]
-    out = {"best": min(rows, key=lambda r: r[metric])}
-    for b in TARGETS:
-        at_b = [r for r in rec["rows"] if r["budget"] == b]
-        dk = key(current_default(b), "default")
-        default = next((r for r in at_b if key(r, r["grid"]) == dk), None)
-        if default is not None:
-            out[f"default {b}"] = default
-        if at_b:
-            out[f"best {b}"] = min(at_b, key=lambda r: r[metric])
-    return out
-
-
 def confirm(bench: "Bench", metrics) -> None:
     """The target rows again on a fresh block of seeds (n..2n-1). The best of about 100 rows on one block is
     the luckiest draw as much as the best sampler (a spread of about 1 FD at n = 1,000), so it is biased low;
@@ -334,128 +245,13 @@ def confirm(bench: "Bench", metrics) -> None:
                       seed=bench.seed + bench.n)
 
 
-def rank_budget(budgets) -> int:
-    return 10 if 10 in budgets else max(budgets)
-
-
-# Report
-
-def fmt_row(r: dict) -> str:
-    share = f", {r['class_min']:.0%}-{r['class_max']:.0%}" if "class_min" in r else ""
-    second = f"; FD-EffNet {r['fd_effnet']:.1f}" if "fd_effnet" in r else ""
-    return f"FD {r['fd']:.3f} (P {r['precision']:.2f} / R {r['recall']:.2f}{share}){second}"
-
-
-def metrics_of(rec: dict) -> list[str]:
-    rows = rec["rows"] + rec["reference"]
-    return ["fd"] + (["fd_effnet"] if rows and all("fd_effnet" in r for r in rows) else [])
-
-
-def top_nfe(args) -> int:
-    """The most NFE any row of the run takes: the best row the targets compare with is chosen up to it."""
-    return max(args.reference_steps, *args.budgets)
-
-
-def checks(rec: dict, budgets, ref_nfe: int) -> dict:
-    """The issue's targets, for the current default and for the best row of each budget; with a second
-    instrument (fd_effnet in every row) the same targets under it, its best row chosen by its own FD. With a
-    confirmation block (``--confirm``), each target again with the same rows' FDs on seeds n..2n-1."""
-    out = {}
-    again = {(key(r, r["grid"]), r["budget"]): r for r in rec.get("confirm", [])}
-    for m in metrics_of(rec):
-        what = "FD" if m == "fd" else "FD-EffNet"
-        picked = target_rows(rec, m)
-        blocks = [("", picked)]
-        if again:
-            blocks.append((" [seeds n..2n-1]", {k: again.get((key(r, r["grid"]), r["budget"])) for k, r in picked.items()}))
-        for block, rows in blocks:
-            best_any = rows["best"]
-            if best_any is None:
-                continue
-            for b, factor in TARGETS.items():
-                for who in ("default", "best"):
-                    row = rows.get(f"{who} {b}")
-                    if row is not None:
-                        name = f"{who} {label(row, row['grid'])} at {b} NFE: {what} <= {factor} x best at <= {ref_nfe} NFE"
-                        out[name + block] = {"pass": row[m] <= factor * best_any[m], "fd": row[m],
-                                             "best": best_any[m], "ratio": row[m] / best_any[m]}
-    return out
-
-
-def markdown(path: str, rec: dict, budgets, ref_nfe: int) -> str:
-    info, floor = rec["info"], rec["floor"]
-    head = (f"### {path}: {info['kind']} {'x'.join(map(str, info['shape']))}, step {info['step']}, "
-            f"{rec['metric']}@{evaluate.count_label(rec['n'])}"
-            + (", class-conditional, classes drawn from p(c) (`--class data`, w = 1)" if info.get("classes") else "")
-            + "\n\nEach cell: FD (precision / recall"
-            f"{', smallest-largest digit share' if info['kind'] == 'mnist' else ''}); rows by FD at "
-            f"{rank_budget(budgets)} NFE.\n\n| sampler | options | grid | " + " | ".join(f"{b} NFE" for b in budgets)
-            + " |\n|---|---|---|" + "---|" * len(budgets))
-    cells: dict[str, dict] = {}
-    for r in rec["rows"]:
-        c = cells.setdefault(key(r, r["grid"]), {"row": r, "order": math.inf})
-        c[r["budget"]] = fmt_row(r).removeprefix("FD ")
-        c["order"] = r["fd"] if r["budget"] == rank_budget(budgets) else c["order"]
-    lines = [head]
-    for c in sorted(cells.values(), key=lambda c: c["order"]):
-        r = c["row"]
-        lines.append(f"| {r['sampler']} | {opts_text(r) or '-'} | {r['grid']} | "
-                     + " | ".join(c.get(b, "-") for b in budgets) + " |")
-    second = "fd_effnet" in floor
-    lines += ["", "| reference | NFE | FD | precision | recall |" + (" FD-EffNet |" if second else "") + " seconds |",
-              "|---|---|---|---|---|---|" + ("---|" if second else "")]
-    lines += [f"| {label(r, r['grid'])} | {r['nfe']:g} | {r['fd']:.3f} | {r['precision']:.2f} | {r['recall']:.2f} | "
-              + (f"{r.get('fd_effnet', math.nan):.1f} | " if second else "") + f"{r['seconds']:.0f} |"
-              for r in rec["reference"]]
-    lines += [(f"| floor: {floor['what']} | - | {floor['fd']:.3f} | {floor['precision']:.2f} | "
-               f"{floor['recall']:.2f} | " + (f"{floor['fd_effnet']:.1f} | " if second else "") + "- |"), ""]
-    if rec.get("confirm"):
-        first = {(key(r, r["grid"]), r["budget"]): r for r in rec["rows"] + rec["reference"]}
-        lines += ["| confirmed on seeds n..2n-1 | NFE | FD, sweep's seeds | FD, new seeds |"
-                  + (" FD-EffNet, sweep's / new |" if second else ""), "|---|---|---|---|" + ("---|" if second else "")]
-        for r in rec["confirm"]:
-            f = first[(key(r, r["grid"]), r["budget"])]
-            lines.append(f"| {label(r, r['grid'])} | {r['nfe']:g} | {f['fd']:.3f} | {r['fd']:.3f} |"
-                         + (f" {f['fd_effnet']:.1f} / {r['fd_effnet']:.1f} |" if second else ""))
-        lines.append("")
-    lines += [f"- {'PASS' if c['pass'] else 'FAIL'} {name} ({c['fd']:.3f} / {c['best']:.3f} = {c['ratio']:.2f} x)"
-              for name, c in checks(rec, budgets, ref_nfe).items()]
-    return "\n".join(lines) + "\n"
-
-
-def paste_defaults(records: list[dict], budgets) -> str:
-    """Per budget, the row with the lowest mean FD / best FD over the runs that measured it in every run."""
-    best = {}
-    for b in budgets:
-        ranked = rank(records, b)
-        if ranked:
-            v, grid, ratio = ranked[0]
-            best[b] = {"sampler": v["sampler"], "options": v["options"], "sigmas": grid, "fd_over_best": round(ratio, 3)}
-    return "DEFAULT_SAMPLERS = {\n" + "".join(f"    {b}: {d!r},\n" for b, d in best.items()) + "}"
-
+# Plan and main
 
 def save_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
-
-def report(out: Path, paths: list[str], results: dict, mnist: list[dict], args) -> None:
-    """table.md and the printout: the tables, each run's best per budget, the pooled best to paste."""
-    table = "".join(markdown(p, results["runs"][p], args.budgets, top_nfe(args)) + "\n" for p in paths)
-    (out / "table.md").write_text(table)
-    print("\n" + table)
-    for p in paths:
-        for b in args.budgets:
-            r = min((r for r in results["runs"][p]["rows"] if r["budget"] == b), key=lambda r: r["fd"], default=None)
-            if r:
-                print(f"best at {b} NFE on {p}: {label(r, r['grid'])} ({r['steps']} steps) {fmt_row(r)}")
-    records = list({**{id(r): r for r in mnist}, **{id(results["runs"][p]): results["runs"][p] for p in paths}}.values())
-    print(f"\nper budget, the best over {len(records)} run(s) (mean over runs of FD / that run's best FD):\n"
-          f"{paste_defaults(records, args.budgets)}")
-
-
-# Plan and main
 
 def plan(info: dict, args, variants: list[dict], ranked: bool) -> float:
     """Print the planned rows (NFE, samples) and return the estimated sampling seconds."""

@@ -1,10 +1,13 @@
-"""benchmarks/samplers_trained.py: the targets on the sweep's seeds and on the confirmation block (--confirm);
-benchmarks/time_to_quality.py: how often a perfect generator passes the digit-share target; benchmarks/digit_drift.py:
-its table of digit shares along the sampling path."""
+"""benchmarks/sampler_tables.py: samplers_trained's targets on the sweep's seeds and on the confirmation block
+(--confirm); benchmarks/samplers_trained.py: a class-conditional run's labels; benchmarks/time_to_quality.py: how
+often a perfect generator passes the digit-share target; benchmarks/digit_drift.py: its table of digit shares along
+the sampling path."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import sampler_rows as sr  # noqa: E402
+import sampler_tables as tables  # noqa: E402
 import samplers_trained as st  # noqa: E402
 
 
@@ -13,19 +16,19 @@ def row(v: dict, budget: int, fd: float, grid: str = "default") -> dict:
 
 
 def test_targets_are_checked_again_on_the_confirmation_block():
-    default10, default20 = st.current_default(10), st.current_default(20)
-    lucky = st.variant("euler_ancestral", {"eta": 1.4})
+    default10, default20 = sr.current_default(10), sr.current_default(20)
+    lucky = sr.variant("euler_ancestral", {"eta": 1.4})
     rec = {"rows": [row(default10, 10, 12.0), row(default20, 20, 9.0), row(lucky, 10, 11.0), row(lucky, 20, 8.0)],
            "reference": [row(default20, 250, 8.5)]}
-    picked = st.target_rows(rec, "fd")
+    picked = tables.target_rows(rec, "fd")
     assert picked["best"]["fd"] == 8.0 and picked["best 10"]["fd"] == 11.0 and picked["default 20"]["fd"] == 9.0
-    first = st.checks(rec, [10, 20], 250)
+    first = tables.checks(rec, [10, 20], 250)
     assert all("[seeds" not in name for name in first)
     d10 = next(c for name, c in first.items() if name.startswith("default") and "at 10 NFE" in name)
     assert d10["ratio"] == 12.0 / 8.0 and not d10["pass"]                     # 1.5 x the lucky best: FAIL
     # on fresh seeds the lucky row regresses (8.0 -> 10.5) and the default holds: the verdict turns
     rec["confirm"] = [row(default10, 10, 12.3), row(default20, 20, 9.2), row(lucky, 10, 12.6), row(lucky, 20, 10.5)]
-    again = {name: c for name, c in st.checks(rec, [10, 20], 250).items() if name.endswith("[seeds n..2n-1]")}
+    again = {name: c for name, c in tables.checks(rec, [10, 20], 250).items() if name.endswith("[seeds n..2n-1]")}
     d10 = next(c for name, c in again.items() if name.startswith("default") and "at 10 NFE" in name)
     d20 = next(c for name, c in again.items() if name.startswith("default") and "at 20 NFE" in name)
     assert d10["best"] == 10.5 and d10["ratio"] == 12.3 / 10.5 and d10["pass"]
@@ -93,7 +96,7 @@ def test_a_class_conditional_run_is_scored_with_labels_drawn_like_the_data(monke
     bench = st.Bench.__new__(st.Bench)
     bench.info, bench.rec, bench.n, bench.seed = {"D": Net(), "class_frequencies": p_c}, {}, 40, 7
     bench.save, bench.scorer = (lambda: None), Score()
-    v = st.current_default(10)
+    v = sr.current_default(10)
     bench.measure(v, "default", 10)
     bench.measure(v, "default", 10, where="confirm", seed=bench.seed + bench.n)
     assert [s for s, _, _ in seen] == [7, 47]
@@ -103,5 +106,5 @@ def test_a_class_conditional_run_is_scored_with_labels_drawn_like_the_data(monke
         assert not (labels == 1).any()                                  # a class of share 0 is never drawn
     assert not torch.equal(seen[0][1]["class_labels"], seen[1][1]["class_labels"])   # a new block, new labels
     bench.info["class_frequencies"] = None                              # an unconditional run: no labels
-    bench.measure(st.variant("euler"), "default", 10)
+    bench.measure(sr.variant("euler"), "default", 10)
     assert seen[-1][1] is None
