@@ -72,10 +72,16 @@ def sweep_variants(selected: list[str] | None) -> list[dict]:
     return list(unique.values())
 
 
-def current_default(budget: int) -> dict:
-    """What ``df.sample(steps=budget)`` runs today (registry.resolve_sampler with no sampler), default grid."""
-    name, _, options = resolve_sampler(None, budget)
+def current_default(budget: int, samples: str = "unconditional") -> dict:
+    """What the rule runs today for a budget (registry.resolve_sampler with no sampler), default grid: for an
+    unconditional run's samples, or ``samples="data"`` for a class-conditional run sampled like the data."""
+    name, _, options = resolve_sampler(None, budget, samples=samples)
     return variant(name, options)
+
+
+def samples_of(rec: dict) -> str:
+    """What a run's rows are, for the rule: "data" for a class-conditional run (classes drawn from p(c))."""
+    return "data" if rec.get("info", {}).get("classes") == "data" else "unconditional"
 
 def rank(records: list[dict], budget: int, grids=GRIDS) -> list[tuple[dict, str, float]]:
     """(variant, grid, mean FD / best FD at ``budget``) of the rows measured in every record, best first."""

@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from diffusion_forge import evaluate  # noqa: E402
 
-from sampler_rows import current_default, key, label, opts_text, rank, rank_budget  # noqa: E402
+from sampler_rows import current_default, key, label, opts_text, rank, rank_budget, samples_of  # noqa: E402
 
 TARGETS = {10: 1.2, 20: 1.1}          # budget -> allowed FD / best FD at up to the reference NFE
 
@@ -25,7 +25,7 @@ def target_rows(rec: dict, metric: str) -> dict[str, dict]:
     out = {"best": min(rows, key=lambda r: r[metric])}
     for b in TARGETS:
         at_b = [r for r in rec["rows"] if r["budget"] == b]
-        dk = key(current_default(b), "default")
+        dk = key(current_default(b, samples_of(rec)), "default")
         default = next((r for r in at_b if key(r, r["grid"]) == dk), None)
         if default is not None:
             out[f"default {b}"] = default

@@ -16,7 +16,8 @@ gets the registry's current default per budget and up to three references at ``-
 euler_ancestral (eta 1), the current default and the best stochastic setting at the largest budget. Same
 per-sample seeds (sample i: seed i) in every row. A class-conditional run (``dforge train --conditioning class``)
 is sampled as ``dforge sample RUN --class data`` samples it: sample i's class drawn from the training set's shares
-p(c) by seed i (``data_class_labels``), no guidance, and the unconditional rule's default sampler.
+p(c) by seed i (``data_class_labels``), no guidance; its current default is the rule's for such samples
+(``DATA_CLASS_SAMPLERS``).
 FD = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) between Gaussians fitted to features: FD-Digits
 against the MNIST test set, FD-EffNet against the whole colour data set; precision / recall: k = 3
 nearest-neighbour manifolds against n real images. Targets: FD at 10 NFE <= 1.2 x, at 20 NFE <= 1.1 x, the best
@@ -48,7 +49,7 @@ from diffusion_forge import evaluate
 from diffusion_forge.data import load_mnist, to_uint8
 from diffusion_forge.sampling.generate import data_class_labels, generate
 from diffusion_forge.sampling.registry import SAMPLERS
-from sampler_rows import current_default, key, label, rank, rank_budget, sweep_variants, variant
+from sampler_rows import current_default, key, label, rank, rank_budget, samples_of, sweep_variants, variant
 from sampler_tables import checks, fmt_row, metrics_of, report, target_rows, top_nfe
 
 MS_PER_IMAGE_NFE = 1.0                # the lead's machine, a 28x28 image under bf16 autocast (1.8 in fp32)
@@ -219,12 +220,13 @@ def bench_run(bench: Bench, args, variants: list[dict], ranking) -> None:
         for v, grid, _ in ranking[:top]:
             for b in budgets:
                 bench.measure(v, grid, b)
+    samples = samples_of(rec)                          # the rule's table: "data" for a class-conditional run
     for b in budgets:
-        bench.measure(current_default(b), "default", b)
+        bench.measure(current_default(b, samples), "default", b)
     if not args.reference_steps:                       # --reference-steps 0: a screen without the long rows
         return
     stochastic = [r for r in rec["rows"] if SAMPLERS[r["sampler"]].stochastic and r["budget"] == max(budgets)]
-    refs = [(variant("euler_ancestral"), "default"), (current_default(max(budgets)), "default")]
+    refs = [(variant("euler_ancestral"), "default"), (current_default(max(budgets), samples), "default")]
     if stochastic:
         best = min(stochastic, key=lambda r: r["fd"])
         refs.append((variant(best["sampler"], best["options"]), best["grid"]))

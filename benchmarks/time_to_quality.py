@@ -179,8 +179,8 @@ def main(argv=None) -> int:
         D, info = train_ours(run, m, rate, args.seed, args.conditioning)
         p_c = info["class_frequencies"]                     # p(c) of a class-conditional run, else None
         cond = None if p_c is None else {"class_labels": data_class_labels(p_c, args.n, seed=0)}
-        # as `dforge sample RUN --class data`: labelled samples that follow p(x) take the unconditional rule
-        name, steps, options = resolve_sampler(*info["sampler"], conditional=False)
+        # as `dforge sample RUN --class data`: labels drawn from p(c), unguided, take the rule of such samples
+        name, steps, options = resolve_sampler(*info["sampler"], samples="unconditional" if p_c is None else "data")
         result = score(draw(D, args.n, name, steps, options, cond))
         rows.append({"minutes": m, "ours": {**info, **result}})
         print(f"ours {m:g} min: {info['steps']} steps, {info['wall_s']:.0f} s, {result}", flush=True)

@@ -287,6 +287,6 @@ def test_sample_commands_pick_the_conditional_default_for_conditional_runs():
     for kind, conditional in (("class", True), ("text", True), ("none", False)):
         trained = types.SimpleNamespace(config={"sample": {"sampler": None, "steps": 20, "options": {}},
                                                 "conditioning": {"kind": kind}})
-        name, options = default_sampler(20, conditional)
+        name, options = default_sampler(20, "conditional" if conditional else "unconditional")
         assert run_settings(trained, None, None, {}) == (name, 20, {**SAMPLERS[name].options, **options})
     assert run_settings(trained, None, None, {})[2]["s_tmax"] < float("inf")   # unconditional: a finite top

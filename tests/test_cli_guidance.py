@@ -99,9 +99,10 @@ def test_class_data_draws_the_training_shares_unguided(runs, tmp_path, capsys):
     assert (got["images"] == _plain_seeded(runs["cond"], got["labels"], seed=5)).all()     # unguided: exactly
     out = capsys.readouterr().out
     assert "training set's shares p(c)" in out and "conditional model (w = 1, no guidance)" in out
-    from diffusion_forge.sampling.registry import CONDITIONAL_SAMPLERS, DEFAULT_SAMPLERS
-    assert DEFAULT_SAMPLERS[1][1]["s_tmax"] == 5 and "s_tmax" not in CONDITIONAL_SAMPLERS[1][1]
-    assert "'s_tmax': 5.0" in out                                       # the rule of unconditional samples
+    from diffusion_forge.sampling.registry import CONDITIONAL_SAMPLERS, DATA_CLASS_SAMPLERS, DEFAULT_SAMPLERS
+    assert DATA_CLASS_SAMPLERS[1][1]["s_tmax"] == 3 and "s_tmax" not in CONDITIONAL_SAMPLERS[1][1]
+    assert DEFAULT_SAMPLERS[1][1]["s_tmax"] == 5                        # three tables, three rules
+    assert "'s_tmax': 3.0" in out                                       # the rule of samples that follow the data
     _sample(runs["cond"], tmp_path / "b.npz", "--n", "12", "--class", "all", "--guidance-scale", "1")
     assert "'s_tmax': inf" in capsys.readouterr().out                   # class i mod K: the conditional rule
     guided = _sample(runs["cond"], tmp_path / "g.npz", "--n", "12", "--class", "data", "--seed", "5",
@@ -111,14 +112,14 @@ def test_class_data_draws_the_training_shares_unguided(runs, tmp_path, capsys):
 
 
 def _plain_seeded(run, labels, seed):
-    """The conditional network, unguided, with the sampler an unconditional run gets for 2 steps."""
+    """The conditional network, unguided, with the rule's sampler for samples that follow the data, 2 steps."""
     from diffusion_forge.data import to_uint8
     from diffusion_forge.io.checkpoint import load_model_from_run
     from diffusion_forge.sampling.generate import generate
     from diffusion_forge.sampling.registry import default_sampler
 
     trained = load_model_from_run(run)
-    name, options = default_sampler(2)
+    name, options = default_sampler(2, "data")
     x = generate(trained, len(labels), seed=seed, sampler=name, steps=2, sampler_options=options,
                  cond={"class_labels": torch.as_tensor(labels)}, precision="auto")
     return to_uint8(x)
@@ -265,7 +266,7 @@ def test_eval_class_data_scores_samples_that_follow_the_data(runs, tmp_path):
                  "--save-samples", str(tmp_path / "s.npz")]) == 0
     got = json.loads(report.read_text())
     assert got["guidance"]["class"] == "data" and got["guidance"]["cfg"]["scale"] == 1.0
-    assert got["sampler_options"]["s_tmax"] == 5.0                      # the rule of unconditional samples
+    assert got["sampler_options"]["s_tmax"] == 3.0                      # the rule of samples that follow the data
     with np.load(tmp_path / "s.npz") as f:
         p_c = load_model_from_run(runs["cond"]).class_frequencies
         assert (f["labels"] == data_class_labels(p_c, 10, seed=3).numpy()).all()

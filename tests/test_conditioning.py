@@ -297,6 +297,6 @@ def test_the_trainers_grids_use_the_default_for_their_conditioning(tmp_path):
     for overrides, conditional in ((CLASS, True), (MOONS, False)):
         trainer = T.Trainer(config({**overrides, "optim.steps": 1, "sample.steps": 20}),
                             tmp_path / str(conditional), progress=False)
-        name, options = default_sampler(20, conditional)
+        name, options = default_sampler(20, "conditional" if conditional else "unconditional")
         assert trainer.sampler == (name, 20, {**SAMPLERS[name].options, **options})
         assert (trainer.sampler[2]["s_tmax"] == math.inf) == conditional

@@ -280,8 +280,15 @@ def test_default_sampler_fits_the_budget_and_reads_the_table():
 def test_samples_with_a_condition_get_the_conditional_default():
     """sampler=None with a cond (class labels, a prompt) takes CONDITIONAL_SAMPLERS, without one DEFAULT_SAMPLERS;
     df.sample reads it from the cond it is given, bit for bit as if the sampler had been named."""
-    assert default_sampler(20, conditional=True) == registry.CONDITIONAL_SAMPLERS[1]
+    assert default_sampler(20, "conditional") == registry.CONDITIONAL_SAMPLERS[1]
     assert default_sampler(20) == DEFAULT_SAMPLERS[1] != registry.CONDITIONAL_SAMPLERS[1]
+    # classes drawn like the data and sampled unguided: their own table, by budget (s_tmax 3, then 5 from 250 NFE)
+    assert default_sampler(20, "data") == ("dpmpp_2m_sde", {"eta": 5.0, "s_tmax": 3.0})
+    assert default_sampler(250, "data") == ("dpmpp_2m_sde", {"eta": 5.0, "s_tmax": 5.0})
+    assert resolve_sampler(None, 10, None, "data") == ("dpmpp_2m_sde", SAMPLERS["dpmpp_2m_sde"].steps_for(10),
+                                                       {**SAMPLERS["dpmpp_2m_sde"].options, "eta": 5.0, "s_tmax": 3.0})
+    with pytest.raises(ValueError, match="samples must be one of unconditional, conditional, data, got 'cond'"):
+        default_sampler(10, "cond")
 
     class Labelled(torch.nn.Module):      # a network that takes class labels and ignores them
         def __init__(self):
@@ -292,12 +299,13 @@ def test_samples_with_a_condition_get_the_conditional_default():
             return self.inner(x_t, t)
     model, labels = Labelled(), {"class_labels": torch.zeros(4, dtype=torch.long)}
     for cond, conditional in ((labels, True), (None, False)):
-        name, options = default_sampler(10, conditional=conditional)
+        name, options = default_sampler(10, "conditional" if conditional else "unconditional")
         auto = df.sample(model, SMALL, (4, 3), steps=10, generator=[gen(i) for i in range(4)], cond=cond)
         named = df.sample(model, SMALL, (4, 3), sampler=name, steps=10, sampler_options=options,
                           generator=[gen(i) for i in range(4)], cond=cond)
         other = df.sample(model, SMALL, (4, 3), sampler=name, steps=10, generator=[gen(i) for i in range(4)],
-                          sampler_options=default_sampler(10, conditional=not conditional)[1], cond=cond)
+                          sampler_options=default_sampler(10, "unconditional" if conditional else "conditional")[1],
+                          cond=cond)
         assert torch.equal(auto, named) and not torch.allclose(auto, other)
 
 

@@ -169,10 +169,10 @@ def test_requests_take_the_models_classes_guidance_and_defaults():
     assert gen.check_request(cond, "auto", 10).sampler == default_sampler(10)[0]   # the budget rule of the registry
     # "auto" takes the registry's table for the model's conditioning: its options, not only its name
     for D, conditional in ((_fake(), False), (cond, True), (_fake(text=True), True)):
-        name, options = default_sampler(10, conditional=conditional)
+        name, options = default_sampler(10, "conditional" if conditional else "unconditional")
         req = gen.check_request(D, "auto", 10)
         assert (req.sampler, {k: req.options[k] for k in options}) == (name, options)
-    assert default_sampler(10)[1] != default_sampler(10, conditional=True)[1]   # else the loop shows nothing
+    assert default_sampler(10)[1] != default_sampler(10, "conditional")[1]   # else the loop shows nothing
 
 
 def test_the_model_line_names_the_default_for_the_models_conditioning():
@@ -182,7 +182,7 @@ def test_the_model_line_names_the_default_for_the_models_conditioning():
     for D, conditional in ((_fake(), False), (_fake(num_classes=10, null={"class_labels": 10}, scale=2.5), True)):
         D.config = {"sample": {"sampler": None, "steps": 12}}
         info = Callbacks(None, types.SimpleNamespace(get=lambda m, D=D: D)).controls("m")[-1]
-        name, options = default_sampler(12, conditional=conditional)
+        name, options = default_sampler(12, "conditional" if conditional else "unconditional")
         own = f"its own sampler: the default, {name}" + "".join(f" {k}={v}" for k, v in options.items())
         assert info.endswith(f"{own}, 12 steps"), info
 
@@ -277,22 +277,22 @@ def test_class_data_draws_the_cli_labels_unguided_with_the_unconditional_rule(ti
     req = gen.check_request(D, gen.OWN, 4, seed=7, n=6, class_="data")        # own sampler none: the rule
     assert req.labels.tolist() == data_class_labels(p_c, 6, 7).tolist() and req.guidance is None
     assert req.labels.tolist() != (torch.arange(6) % 10).tolist()             # not the class i mod K of "all"
-    assert (req.sampler, req.steps, req.options) == resolve_sampler(None, 4, {}, conditional=False)
-    assert (req.sampler, req.steps, req.options) != resolve_sampler(None, 4, {}, conditional=True)
+    assert (req.sampler, req.steps, req.options) == resolve_sampler(None, 4, {}, "data")
+    assert (req.sampler, req.steps, req.options) != resolve_sampler(None, 4, {}, "conditional")
     assert gen.guided(D, req)[0] is D                                        # no CFG wrapper
     last = list(gen.stream(D, req, tmp_path, every=0, figures=False))[-1]
     direct = generate(D, 6, seed=7, cond={"class_labels": data_class_labels(p_c, 6, 7)}, sampler=req.sampler,
                       steps=req.steps, sampler_options=req.options)
     torch.testing.assert_close(last["samples"], direct, rtol=0, atol=0)
     assert "classes drawn from the training set's shares" in last["text"] and "w =" not in last["text"]
-    # a named sampler is kept; w = 1 given is still unguided and the unconditional rule
+    # a named sampler is kept; w = 1 given is still unguided and the rule of samples that follow the data
     assert gen.check_request(D, "heun", 4, n=2, class_="data").sampler == "heun"
     one = gen.check_request(D, "auto", 4, n=2, class_="data", guidance=1)
-    assert (one.sampler, one.steps, one.options) == resolve_sampler(None, 4, {}, conditional=False)
+    assert (one.sampler, one.steps, one.options) == resolve_sampler(None, 4, {}, "data")
     # w = 2 given: classifier-free guidance on the same labels, and the rule of conditional samples
     two = gen.check_request(D, "auto", 4, seed=7, n=6, class_="data", guidance=2)
     assert two.labels.tolist() == req.labels.tolist() and two.guidance == 2
-    assert (two.sampler, two.steps, two.options) == resolve_sampler(None, 4, {}, conditional=True)
+    assert (two.sampler, two.steps, two.options) == resolve_sampler(None, 4, {}, "conditional")
     assert gen.guided(D, two)[0].scale == 2
     path, samples, _ = gen.compare(D, "euler", "heun", 2, 7, 3, tmp_path, class_="data")   # the Compare tab
     assert path.is_file()

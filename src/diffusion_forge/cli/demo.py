@@ -53,7 +53,7 @@ def run(args) -> int:
 
     denoiser = load_model_from_run(out)     # EMA weights, with the run's schedule and prediction
     sampler, steps, options = resolve_sampler(cfg.sample.sampler, cfg.sample.steps, cfg.sample.options,
-                                              conditional=bool(denoiser.num_classes))
+                                              samples="conditional" if denoiser.num_classes else "unconditional")
     cond = None
     if denoiser.num_classes:  # a class-conditional recipe: labels 0, 1, ..., K-1, 0, 1, ...
         import torch

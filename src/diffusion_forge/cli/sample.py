@@ -118,14 +118,14 @@ def check_samplers(names, auto: bool = True) -> None:
                         f"{', '.join(known)}{' (or auto)' * auto}")
 
 
-def resolve(sampler: str | None, steps: int, options: dict, conditional: bool = False) -> tuple[str, int, dict]:
+def resolve(sampler: str | None, steps: int, options: dict, samples: str = "unconditional") -> tuple[str, int, dict]:
     """(sampler, steps, options) as sampling will use them; a wrong option name or type is refused here,
-    before any sampling work (None: the toolkit's rule picks the sampler for a budget of ``steps``, and for
-    samples with a condition when ``conditional``)."""
+    before any sampling work (None: the toolkit's rule picks the sampler for a budget of ``steps`` and what the
+    ``samples`` are, as sampling.registry.resolve_sampler)."""
     from ..sampling.registry import SAMPLERS, resolve_sampler
 
     check_samplers([sampler])
-    sampler, steps, options = resolve_sampler(sampler, steps, dict(options), conditional)
+    sampler, steps, options = resolve_sampler(sampler, steps, dict(options), samples)
     defaults = SAMPLERS[sampler].options
     for key, value in options.items():
         if key not in defaults:
@@ -150,14 +150,16 @@ def run_settings(trained, sampler: str | None, steps: int | None, options: dict,
                  like_data: bool = False) -> tuple[str, int, dict]:
     """The sampler settings of a command: the run's own (config sample.*) unless named; ``auto``: by budget.
     Left to the rule, a conditional run's samples take its sampler for samples with a condition, except with
-    ``like_data`` (``--class data`` unguided: they follow p(x), as an unconditional run's do)."""
+    ``like_data`` (``--class data`` unguided: they follow p(x)), which take the rule of such samples
+    (sampling.registry.DATA_CLASS_SAMPLERS)."""
     own = trained.config["sample"]
     if sampler is None:
         sampler, options = own["sampler"], {**(own.get("options") or {}), **options}
     elif sampler == "auto":
         sampler = None
-    conditional = trained.config["conditioning"]["kind"] != "none" and not like_data
-    return resolve(sampler, steps or own["steps"], options, conditional)
+    samples = ("data" if like_data else
+               "unconditional" if trained.config["conditioning"]["kind"] == "none" else "conditional")
+    return resolve(sampler, steps or own["steps"], options, samples)
 
 
 def check_precision(precision: str, device) -> str:

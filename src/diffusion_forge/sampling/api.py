@@ -168,7 +168,7 @@ def sample(model: Callable | DenoiserBase, schedule: NoiseSchedule | None = None
     D = apply_guidance(D, guidance_scale, guidance_rescale, guidance_interval, cond)
     D = apply_x0_wrappers(D, clip_x0, dynamic_threshold)
     name, steps, options = resolve_sampler(sampler, steps, {"eta": eta, "s_noise": s_noise, **(sampler_options or {})},
-                                           conditional=bool(cond))
+                                           samples="conditional" if cond else "unconditional")
     spec = SAMPLERS[name]
     if isinstance(sigmas, str) and sigmas not in SIGMA_GRIDS:  # a tensor / list: checked by sigma_grid
         raise ValueError(f"unknown sigmas {sigmas!r}; choose one of: {', '.join(SIGMA_GRIDS)}")

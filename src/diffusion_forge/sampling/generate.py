@@ -89,7 +89,8 @@ def generate(denoiser, n: int, seed: int = 0, sampler: str | None = None, steps:
         from ..models.vae import decode_latents
     from tqdm.auto import tqdm
 
-    per_batch = resolve_sampler(sampler, steps, dict(sampler_options or {}), bool(cond))[1]   # the bar's steps
+    per_batch = resolve_sampler(sampler, steps, dict(sampler_options or {}),
+                                "conditional" if cond else "unconditional")[1]   # the bar's steps
     starts = range(0, n, batch_size)
     was_training = D.training
     D.eval()

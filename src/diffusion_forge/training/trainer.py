@@ -55,7 +55,7 @@ class Trainer:
         self.cfg, self.run_dir, self.progress, self.max_seconds = cfg, Path(run_dir), progress, max_seconds
         # the grids' sampler, checked now rather than after the last step
         self.sampler = resolve_sampler(cfg.sample.sampler, cfg.sample.steps, cfg.sample.options,
-                                       conditional=cfg.conditioning.kind != "none")
+                                       samples="unconditional" if cfg.conditioning.kind == "none" else "conditional")
         self.acc = accelerator or make_accelerator(cfg.run.device)
         self.device = self.acc.device
         self.world, self.rank = self.acc.num_processes, self.acc.process_index

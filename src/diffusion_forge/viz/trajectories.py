@@ -50,7 +50,8 @@ def record_trajectory(denoiser, schedule=None, shape=None, sampler: str | None =
     from ..sampling.registry import resolve_sampler
 
     D, n, sample_shape = _setup(denoiser, schedule, prediction, shape, n)
-    sampler, steps, _ = resolve_sampler(sampler, steps, kwargs.get("sampler_options"), bool(kwargs.get("cond")))
+    sampler, steps, _ = resolve_sampler(sampler, steps, kwargs.get("sampler_options"),
+                                        "conditional" if kwargs.get("cond") else "unconditional")
     rec: dict = {"t": [], "sigma": [], "x_t": [], "x0": []}
     decode = frame_decoder(denoiser, kwargs.get("decode", True))
 

@@ -88,7 +88,7 @@ class Callbacks:
         if own is None:                      # sample.sampler none: the registry's default for the budget
             from ..sampling.registry import default_sampler
 
-            name, options = default_sampler(f["steps"], conditional=bool(K or f["text"]))
+            name, options = default_sampler(f["steps"], "conditional" if K or f["text"] else "unconditional")
             own = f"the default, {name}" + "".join(f" {k}={v}" for k, v in options.items())
         info = (f"step {f['step']}, samples of shape {f['sample_shape']}; "
                 f"{f'{K} classes' if K else 'unconditional'}"

@@ -173,10 +173,10 @@ def check_request(D, sampler=None, steps=None, seed=0, n=16, class_=None, guidan
         guidance = facts["guidance_scale"] if facts["guidable"] else None
     else:
         guidance = None
-    # the samples follow the data (class "data", w = 1): the sampler rule of an unconditional run's samples
-    like_data = class_ == "data" and guidance in (None, 1)
-    sampler, steps, options = resolve_sampler(sampler, steps, options,
-                                              conditional=bool(K or facts["text"]) and not like_data)
+    # what the samples are, for the sampler rule: classes drawn from p(c) and unguided (w = 1) follow the data
+    samples = ("data" if class_ == "data" and guidance in (None, 1) else
+               "conditional" if K or facts["text"] else "unconditional")
+    sampler, steps, options = resolve_sampler(sampler, steps, options, samples)
     return Request(sampler, steps, options, seed, n, labels, guidance, prompt, negative,
                    classes="data" if class_ == "data" else None)
 
