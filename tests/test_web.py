@@ -265,9 +265,10 @@ def test_missing_models_and_foreign_folders_are_one_line(tmp_path):
         store.get("")
 
 
-def test_class_data_draws_the_cli_labels_unguided_with_the_unconditional_rule(tiny_class_run, tmp_path):
+def test_class_data_draws_the_cli_labels_unguided_with_the_data_rule(tiny_class_run, tmp_path):
     """class "data": image i's label is data_class_labels(p(c), n, seed)[i], as `dforge sample --class data
-    --seed SEED`; no guidance and the sampler rule of unconditional samples unless w is given."""
+    --seed SEED`; no guidance and the sampler rule of samples drawn like the data (DATA_CLASS_SAMPLERS) unless
+    w is given."""
     from diffusion_forge.sampling.generate import data_class_labels, generate
     from diffusion_forge.sampling.registry import resolve_sampler
 

@@ -116,10 +116,11 @@ def _generate_tab(fn, found, sampling):
         seed = gr.Number(0, precision=0, label="seed (image i: seed + i)")
         n = gr.Number(16, precision=0, label=f"images (1..{gen.MAX_N})")
     with gr.Row():
-        class_ = gr.Dropdown(["none"], value="none", allow_custom_value=True, visible=False,
+        class_ = gr.Dropdown(["none"], value="none", allow_custom_value=True, visible=False, elem_id="gen-class",
                              label="class (all: image i gets class i mod K; data: drawn from the training set's "
                                    "shares, unguided)")
-        guidance = gr.Number(1, label="guidance scale w (1: the conditional model)", visible=False)
+        guidance = gr.Number(1, label="guidance scale w (1: the conditional model)", visible=False,
+                             elem_id="gen-guidance")
         last_class = gr.State("none")        # the class before a change: leaving "data" restores the run's w
         prompt = gr.Textbox(label="prompt", visible=False)
         negative = gr.Textbox(label="negative prompt (replaces the null condition)", visible=False)

@@ -120,8 +120,9 @@ def check_request(D, sampler=None, steps=None, seed=0, n=16, class_=None, guidan
     the prompt (needs a text model). A bad value is a ValueError saying what to change.
 
     The class: "all" (image i: class i mod K), "none", a class id 0..K-1, or "data" (as `dforge sample
-    --class data`): image i's class drawn from the training set's shares p(c) with seed + i, unguided unless a
-    guidance scale is given, and then the sampler rule of unconditional samples (they follow p(x))."""
+    --class data`): image i's class drawn from the training set's shares p(c) with seed + i; unguided (then
+    the sampler rule of samples that follow p(x), DATA_CLASS_SAMPLERS) unless a guidance scale other than 1 is
+    given (then the rule of conditional samples)."""
     from ..sampling.generate import data_class_labels
     from ..sampling.registry import SAMPLERS, resolve_sampler
 
