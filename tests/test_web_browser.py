@@ -80,6 +80,8 @@ def test_a_class_run_offers_data_which_sets_w_to_1_and_samples_like_the_data(pag
     page.wait_for_function("() => document.querySelector('#gen-guidance input').value === '1'")  # unguided
     _fill(page, "gen-steps", "4")
     page.locator("#gen-go").click()
+    # the grid of the test before may still be shown: wait for this generation's own status line
+    page.wait_for_function("() => document.querySelector('#gen-status textarea').value.includes('classes drawn')")
     page.locator("#gen-grid img").wait_for(state="visible")
     status = page.locator("#gen-status textarea").input_value()
     assert "classes drawn from the training set's shares, w = 1," in status, status     # w = 1: unguided
