@@ -83,6 +83,7 @@ def samples_of(rec: dict) -> str:
     """What a run's rows are, for the rule: "data" for a class-conditional run (classes drawn from p(c))."""
     return "data" if rec.get("info", {}).get("classes") == "data" else "unconditional"
 
+
 def rank(records: list[dict], budget: int, grids=GRIDS) -> list[tuple[dict, str, float]]:
     """(variant, grid, mean FD / best FD at ``budget``) of the rows measured in every record, best first."""
     ratios: dict[str, list] = {}
