@@ -22,6 +22,10 @@ from the conditional network at w = 1 (no guidance: one network call per step) w
 unconditional samples; ``dforge sample RUN --class data`` draws the same samples. It needs labels, so it is
 an option, not the default recipe.
 
+``--autoguidance W``: ours sampled as `dforge sample RUN --autoguidance --autoguidance-scale W`, guided by the
+run's own autoguidance snapshot (its weights at run.guide_snapshot_step, 500): x0 = x0_weak + W (x0_main -
+x0_weak), two network calls a step (benchmarks/autoguide_recipe.py scores it on a finished run).
+
 Both sample with bf16 autocast where the CPU has it (``precision="auto"``; benchmarks/throughput.py --fd: it
 moves FD-Digits@1k by 0.26, less than another draw of seeds does).
 
@@ -49,6 +53,8 @@ from recipe import parse_sampler, train_course  # noqa: E402
 from diffusion_forge import evaluate  # noqa: E402
 from diffusion_forge.data import load_mnist, to_uint8  # noqa: E402
 from diffusion_forge.denoise.denoiser import Denoiser  # noqa: E402
+from diffusion_forge.denoise.guidance import AutoGuidance  # noqa: E402
+from diffusion_forge.io.checkpoint import load_guide_snapshot  # noqa: E402
 from diffusion_forge.io.files import write_json  # noqa: E402
 from diffusion_forge.sampling.generate import data_class_labels, generate  # noqa: E402
 from diffusion_forge.sampling.registry import resolve_sampler  # noqa: E402
@@ -124,9 +130,15 @@ def train_ours(out: Path, minutes: float, rate: float, seed: int,
                                             "class_frequencies": trainer.data.class_frequencies}
 
 
-def draw(D: Denoiser, n: int, sampler: str, steps: int, options: dict, cond: dict | None = None):
+def autoguided(D: Denoiser, run: Path, scale: float | None):
+    """D guided by the run's own autoguidance snapshot, x0 = x0_weak + scale (x0_main - x0_weak), as `dforge
+    sample RUN --autoguidance --autoguidance-scale scale` samples it; D itself when scale is None."""
+    return D if scale is None else AutoGuidance(D, load_guide_snapshot(run), scale)
+
+
+def draw(D: Denoiser, n: int, sampler: str, steps: int, options: dict, cond: dict | None = None, seed: int = 0):
     with torch.no_grad():
-        return to_uint8(generate(D, n, seed=0, sampler=sampler, steps=steps, batch_size=250, cond=cond,
+        return to_uint8(generate(D, n, seed=seed, sampler=sampler, steps=steps, batch_size=250, cond=cond,
                                  sampler_options=options, progress=True, precision="auto"))
 
 
@@ -162,6 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--conditioning", choices=("none", "class"), default="none",
                    help="ours: the default (unconditional) recipe, or the class-conditional one sampled with labels "
                         "drawn from the training set's digit frequencies (w = 1)")
+    p.add_argument("--autoguidance", type=float, default=None, metavar="W",
+                   help="ours: guided by the run's own autoguidance snapshot at scale W (default: unguided)")
     args = p.parse_args(argv)
     if min(args.minutes) <= 0 or args.n < 4:
         raise SystemExit("--minutes must be > 0 and --n >= 4 (precision / recall use 3 nearest neighbours)")
@@ -181,6 +195,7 @@ def main(argv=None) -> int:
         cond = None if p_c is None else {"class_labels": data_class_labels(p_c, args.n, seed=0)}
         # as `dforge sample RUN --class data`: labels drawn from p(c), unguided, take the rule of such samples
         name, steps, options = resolve_sampler(*info["sampler"], samples="unconditional" if p_c is None else "data")
+        D, info["autoguidance"] = autoguided(D, run, args.autoguidance), args.autoguidance
         result = score(draw(D, args.n, name, steps, options, cond))
         rows.append({"minutes": m, "ours": {**info, **result}})
         print(f"ours {m:g} min: {info['steps']} steps, {info['wall_s']:.0f} s, {result}", flush=True)
@@ -219,7 +234,8 @@ def main(argv=None) -> int:
         print(f"  (n = {args.n} samples drawn at exactly the test set's digit proportions pass the share target "
               f"{null:.1%} of the time)")
     plot(rows, floor["fd"], out / "time-to-quality.png")
-    results = {"floor": floor, "rate_steps_per_s": rate, "conditioning": args.conditioning, "rows": rows}
+    results = {"floor": floor, "rate_steps_per_s": rate, "conditioning": args.conditioning,
+               "autoguidance": args.autoguidance, "rows": rows}
     write_json(out / "results.json", json.loads(json.dumps(results, default=str)))
     return 0
 

@@ -108,3 +108,32 @@ def test_a_class_conditional_run_is_scored_with_labels_drawn_like_the_data(monke
     bench.info["class_frequencies"] = None                              # an unconditional run: no labels
     bench.measure(sr.variant("euler"), "default", 10)
     assert seen[-1][1] is None
+
+
+def test_time_to_quality_autoguidance_samples_what_dforge_sample_autoguidance_gives(tmp_path):
+    """time_to_quality --autoguidance W scores the samples of `dforge sample RUN --autoguidance --autoguidance-scale
+    W` (the run's own snapshot as the weaker model), seed for seed; W = 1 is the unguided run, and W = 1.3 is not."""
+    import numpy as np
+    import torch
+
+    import time_to_quality as ttq
+    from diffusion_forge.cli import main
+    from diffusion_forge.io.checkpoint import load_model_from_run
+    from diffusion_forge.sampling.registry import resolve_sampler
+
+    torch.set_num_threads(1)
+    run = tmp_path / "uncond"
+    assert main(["train", "--data", "digits", "--out", str(run), "--set", "preset=tiny", "--set", "batch_size=16",
+                 "--set", "steps=4", "--set", "sample_every=0", "--set", "run.guide_snapshot_step=2",
+                 "--set", "run.mixed_precision=no", "--no-progress"]) == 0
+    assert main(["sample", str(run), "--n", "6", "--steps", "3", "--autoguidance", "--autoguidance-scale", "1.3",
+                 "--out", str(tmp_path / "g.npz"), "--no-progress"]) == 0
+    with np.load(tmp_path / "g.npz") as f:
+        cli = f["images"]
+    D = load_model_from_run(run)
+    name, steps, options = resolve_sampler(None, 3, {}, samples="unconditional")
+    ours = ttq.draw(ttq.autoguided(D, run, 1.3), 6, name, steps, options)
+    assert ours.shape == cli.shape and (ours == cli).all()
+    plain = ttq.draw(ttq.autoguided(D, run, None), 6, name, steps, options)
+    assert (ttq.draw(ttq.autoguided(D, run, 1.0), 6, name, steps, options) == plain).all()
+    assert (plain != ours).any()

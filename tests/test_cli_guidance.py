@@ -179,6 +179,19 @@ def test_autoguidance_by_itself_is_the_identity_and_by_the_snapshot_is_not(runs,
     assert "autoguidance s = 2 (guide: the snapshot of step 2)" in out           # the default scale, stated
 
 
+def test_autoguidance_of_an_unconditional_run_defaults_to_its_own_measured_scale(tmp_path, capsys):
+    """--autoguidance without a scale: 2 on conditional runs (above), 1.3 on unconditional ones (measured on the
+    unconditional recipe, docs/training.md), the same samples as asking for 1.3, not those of 2."""
+    torch.set_num_threads(1)
+    run = tmp_path / "uncond-snap"
+    assert main(["train", "--out", str(run), *TINY, "--set", "run.guide_snapshot_step=2"]) == 0
+    default = _sample(run, tmp_path / "d.npz", "--n", "6", "--autoguidance")
+    assert "autoguidance s = 1.3 (guide: the snapshot of step 2)" in capsys.readouterr().out
+    asked = _sample(run, tmp_path / "a.npz", "--n", "6", "--autoguidance", "--autoguidance-scale", "1.3")
+    two = _sample(run, tmp_path / "t.npz", "--n", "6", "--autoguidance", "--autoguidance-scale", "2")
+    assert (default["images"] == asked["images"]).all() and (default["images"] != two["images"]).any()
+
+
 def test_classifier_guidance_works_on_an_unconditional_run(runs, classifiers, tmp_path, capsys):
     plain = _sample(runs["uncond"], tmp_path / "p.npz", "--n", "10")
     zero = _sample(runs["uncond"], tmp_path / "z.npz", "--n", "10", "--classifier", str(classifiers["lin"]),
@@ -350,7 +363,8 @@ def test_help_states_the_convention_and_the_defaults():
         text = " ".join(parser.format_help().split())
         assert "pred = pred_uncond + w (pred_cond - pred_uncond)" in text
         assert "w = 1 is the conditional model, w = 0 the unconditional one" in text
-        assert "(default: 2)" in text and "conditioning.dropout" in text and "run.guide_snapshot_step" in text
+        assert "(default: 2 on class- or text-conditional runs, 1.3 on unconditional ones)" in text   # autoguidance
+        assert "conditioning.dropout" in text and "run.guide_snapshot_step" in text
         for action in parser._actions:
             assert action.help, action.dest
 

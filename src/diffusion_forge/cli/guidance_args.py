@@ -24,7 +24,8 @@ from . import UserError
 
 CONVENTION = ("pred = pred_uncond + w (pred_cond - pred_uncond): w = 1 is the conditional model, w = 0 the "
               "unconditional one, w > 1 steers harder towards the class")
-AUTOGUIDANCE_SCALE = 2.0          # Karras et al. 2024 report their best FIDs at 2.0-2.5
+AUTOGUIDANCE_SCALE = 2.0          # Karras et al. 2024 report their best FIDs at 2.0-2.5; here: conditional runs
+UNCONDITIONAL_AUTOGUIDANCE_SCALE = 1.3   # unconditional runs (docs/training.md, "Autoguidance of the 10-minute model")
 CLASSIFIER_SCALE = 1.0            # s = 1: p(x | y) proportional to p(x) p(y | x), if the classifier were exact
 SNAPSHOT = "snapshot"             # --autoguidance without a STEP
 DROPOUT_FIX = "train with conditioning.dropout > 0 (e.g. --set conditioning.dropout=0.1)"
@@ -65,7 +66,8 @@ def add_guidance_args(parser, vary: bool = False) -> None:
     g.add_argument("--guide-with", metavar="RUN2", default=None,
                    help="autoguidance with another run (the same data shape and classes) as the weaker model")
     g.add_argument("--autoguidance-scale", type=float, metavar="S", default=None,
-                   help=f"x0 = x0_weak + S (x0_main - x0_weak) (default: {AUTOGUIDANCE_SCALE:g})")
+                   help=f"x0 = x0_weak + S (x0_main - x0_weak) (default: {AUTOGUIDANCE_SCALE:g} on class- or "
+                        f"text-conditional runs, {UNCONDITIONAL_AUTOGUIDANCE_SCALE:g} on unconditional ones)")
     if vary:
         g.add_argument("--vary", choices=("auto", "cfg", "classifier", "autoguidance"), default="auto",
                        help="which scale --scales sets: auto = cfg on class-conditional runs, else classifier with "
@@ -313,7 +315,9 @@ def guided_denoiser(args, run_denoiser, cache: dict | None = None):
     # 1. autoguidance: x0 = x0_weak + s (x0_main - x0_weak)
     if plan.autoguidance is not None or plan.guide_with is not None:
         weak, label = _load_guide(plan, args, trained, cache)
-        s = AUTOGUIDANCE_SCALE if plan.autoguidance_scale is None else plan.autoguidance_scale
+        s = plan.autoguidance_scale
+        if s is None:                # measured: 2 on a conditional network; 1.3 on the unconditional recipe
+            s = AUTOGUIDANCE_SCALE if k or text else UNCONDITIONAL_AUTOGUIDANCE_SCALE
         D = G.AutoGuidance(D, weak, s)
         info["autoguidance"] = {"guide": label, "scale": s}
         parts.append(f"autoguidance s = {s:g} (guide: {label})")
