@@ -18,25 +18,36 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from time_to_quality import Scorer, draw  # noqa: E402
+from time_to_quality import Scorer, autoguided, draw  # noqa: E402
 
 from diffusion_forge.denoise.guidance import AutoGuidance  # noqa: E402
-from diffusion_forge.io.checkpoint import load_guide_snapshot, load_model_from_run  # noqa: E402
+from diffusion_forge.io.checkpoint import CheckpointError, load_model_from_run  # noqa: E402
 from diffusion_forge.sampling.registry import resolve_sampler  # noqa: E402
 
 
 def parse_guide(text: str) -> tuple[str, float]:
     guide, sep, scale = text.rpartition(":")
-    if not sep or not (guide == "snapshot" or guide.isdigit()):
-        raise SystemExit(f"--guides {text!r}: write snapshot:W or STEP:W (e.g. snapshot:1.5, 2500:2)")
-    return guide, float(scale)
+    try:
+        w = float(scale)
+    except ValueError:
+        w = None
+    if not sep or not (guide == "snapshot" or guide.isdigit()) or w is None or not w > 0:
+        raise SystemExit(f"--guides {text!r}: write snapshot:W or STEP:W with W > 0 (e.g. snapshot:1.3, 2500:2)")
+    return guide, w
+
+
+def guided(D, run: str, guide: str, w: float):
+    """D guided at scale w by the run's snapshot (as time_to_quality --autoguidance) or by the checkpoint of a step."""
+    if guide == "snapshot":
+        return autoguided(D, Path(run), w)
+    return AutoGuidance(D, load_model_from_run(run, step=int(guide)), w)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", required=True, help="an unconditional MNIST run folder")
-    p.add_argument("--guides", nargs="+", default=["snapshot:1.2", "snapshot:1.5", "snapshot:2"],
+    p.add_argument("--guides", nargs="+", default=["snapshot:1.3"],
                    help="GUIDE:W, GUIDE = snapshot or a checkpoint's step")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (NFE of the unguided run)")
     p.add_argument("--n", type=int, default=1000)
@@ -44,20 +55,17 @@ def main(argv=None) -> int:
     p.add_argument("--floor-seed", type=int, default=0)
     args = p.parse_args(argv)
     guides = [parse_guide(g) for g in args.guides]
+    try:                                      # every guide loads before the scorer's minute of set-up
+        D = load_model_from_run(args.run)
+        models = [("none", 1.0, D)] + [(g, w, guided(D, args.run, g, w)) for g, w in guides]
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
     score = Scorer(args.n, args.floor_seed)
-    D = load_model_from_run(args.run)
     name, steps, options = resolve_sampler(None, args.steps, {}, samples="unconditional")
     print(f"floor: {score.floor}\n{args.run} at step {D.step}; {name} {steps} steps {options}; seeds {args.seed}+",
           flush=True)
-    rows = [("none", 1.0)] + guides
     print("| guide | w | FD-Digits | precision | recall | digit shares | s |\n|---|---:|---:|---:|---:|---|---:|")
-    for guide, w in rows:
-        if guide == "none":
-            model = D
-        else:
-            weak = (load_guide_snapshot(args.run) if guide == "snapshot"
-                    else load_model_from_run(args.run, step=int(guide)))
-            model = AutoGuidance(D, weak, w)
+    for guide, w, model in models:
         t0 = time.perf_counter()
         r = score(draw(model, args.n, name, steps, options, seed=args.seed))
         print(f"| {guide} | {w:g} | {r['fd']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "

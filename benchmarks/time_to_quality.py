@@ -195,7 +195,8 @@ def main(argv=None) -> int:
         cond = None if p_c is None else {"class_labels": data_class_labels(p_c, args.n, seed=0)}
         # as `dforge sample RUN --class data`: labels drawn from p(c), unguided, take the rule of such samples
         name, steps, options = resolve_sampler(*info["sampler"], samples="unconditional" if p_c is None else "data")
-        D, info["autoguidance"] = autoguided(D, run, args.autoguidance), args.autoguidance
+        D = autoguided(D, run, args.autoguidance)
+        info["autoguidance"] = args.autoguidance
         result = score(draw(D, args.n, name, steps, options, cond))
         rows.append({"minutes": m, "ours": {**info, **result}})
         print(f"ours {m:g} min: {info['steps']} steps, {info['wall_s']:.0f} s, {result}", flush=True)
