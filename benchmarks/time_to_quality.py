@@ -20,7 +20,9 @@ used as an unconditional generator, p(x) = sum_c p(c) p(x | c): sample i draws i
 set's digit shares p(c) that the run records (``sampling.generate.data_class_labels``, seed i), then the image
 from the conditional network at w = 1 (no guidance: one network call per step) with the sampler rule of
 unconditional samples; ``dforge sample RUN --class data`` draws the same samples. It needs labels, so it is
-an option, not the default recipe.
+an option, not the default recipe. ``--conditioning cluster``: the same with the ids of 50 k-means clusters of
+the training images in place of labels (``conditioning.kind=cluster``, data/clusters.py; the clustering runs
+inside the timed budget), sampled the same way with clusters drawn from their shares; it needs no labels.
 
 ``--autoguidance W``: ours sampled as `dforge sample RUN --autoguidance --autoguidance-scale W`, guided by the
 run's own autoguidance snapshot (its weights at run.guide_snapshot_step, 500): x0 = x0_weak + W (x0_main -
@@ -171,9 +173,10 @@ def main(argv=None) -> int:
     p.add_argument("--course-samplers", default="euler_ancestral:eta=1.6",
                    help="candidates for the course model, ';'-separated, NAME[:OPTION=VALUE,...]")
     p.add_argument("--no-course", action="store_true", help="ours only (e.g. to re-measure ours after a change)")
-    p.add_argument("--conditioning", choices=("none", "class"), default="none",
-                   help="ours: the default (unconditional) recipe, or the class-conditional one sampled with labels "
-                        "drawn from the training set's digit frequencies (w = 1)")
+    p.add_argument("--conditioning", choices=("none", "class", "cluster"), default="none",
+                   help="ours: the default (unconditional) recipe, the class-conditional one sampled with labels "
+                        "drawn from the training set's digit frequencies (w = 1), or the cluster-conditional one "
+                        "(k-means ids of the images, no labels; sampled with clusters drawn from their shares)")
     p.add_argument("--autoguidance", type=float, default=None, metavar="W",
                    help="ours: guided by the run's own autoguidance snapshot at scale W (default: unguided)")
     args = p.parse_args(argv)

@@ -33,6 +33,7 @@ def run(args) -> int:
     from ..sampling.generate import generate
     from ..sampling.registry import resolve_sampler
     from ..training import TrainingDiverged, parse_set_flags, run_config, train
+    from ..training.config import SAMPLES_OF_KIND
     from ..viz import plot_forward_strip, plot_schedules, save_image_grid
 
     out = Path(args.out)
@@ -52,10 +53,15 @@ def run(args) -> int:
         return 130
 
     denoiser = load_model_from_run(out)     # EMA weights, with the run's schedule and prediction
+    clusters = cfg.conditioning.kind == "cluster"
     sampler, steps, options = resolve_sampler(cfg.sample.sampler, cfg.sample.steps, cfg.sample.options,
-                                              samples="conditional" if denoiser.num_classes else "unconditional")
+                                              samples=SAMPLES_OF_KIND[cfg.conditioning.kind])
     cond = None
-    if denoiser.num_classes:  # a class-conditional recipe: labels 0, 1, ..., K-1, 0, 1, ...
+    if clusters:              # a cluster run: clusters drawn from p(c), like the data (as `dforge sample`)
+        from ..sampling.generate import data_class_labels
+
+        cond = {"class_labels": data_class_labels(denoiser.class_frequencies, args.n, seed=0)}
+    elif denoiser.num_classes:  # a class-conditional recipe: labels 0, 1, ..., K-1, 0, 1, ...
         import torch
 
         cond = {"class_labels": torch.arange(args.n) % denoiser.num_classes}
@@ -65,7 +71,7 @@ def run(args) -> int:
                  progress=not args.no_progress, **guidance)
     samples = to_uint8(x)
     cfg_note = f", CFG w = {denoiser.guidance_scale:g}" if guidance else ""
-    rows = None if cond is None else [f"class {int(c)}" for c in cond["class_labels"][:100]]   # a row per class
+    rows = None if cond is None or clusters else [f"class {int(c)}" for c in cond["class_labels"][:100]]   # a row per class
     save_image_grid(samples[:100], out / "samples.png", nrow=10, row_labels=rows,
                     title=f"{out.name}: step {denoiser.step}, {sampler}, {steps} steps{cfg_note}")
     print(f"wrote {out / 'samples.png'} ({min(args.n, 100)} of {args.n} samples, step {denoiser.step}, EMA "

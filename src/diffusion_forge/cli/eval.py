@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from ..io.files import PLOT_SUFFIXES
 from . import HelpFormatter, UserError, add_force
-from .guidance_args import add_guidance_args, check_args, follows_data, guided_denoiser
+from .guidance_args import (add_guidance_args, check_args, cluster_run, follows_data, guided_denoiser, has_null,
+                            with_run_defaults)
 
 EXAMPLES = """examples:
   dforge eval runs/mnist --n 2000                       sample 2000 images from the run, score them
@@ -87,6 +88,8 @@ def _note(key: str) -> str:
 
 LATENT_NLL_NOTE = ("a latent run models the VAE's latents, and their likelihood is not the likelihood of the "
                    "images (the decoder's own is missing), so it is not comparable with pixel runs' bits/dim")
+CLUSTER_NLL_NOTE = ("a cluster run trained with conditioning.dropout=0 has no null cluster, and a held-out image's "
+                    "cluster is unknown, so no bound on -log p(x) is at hand")
 
 
 def _format(metrics: dict) -> list[str]:
@@ -135,6 +138,7 @@ def run(args) -> int:
 
         options = parse_options(args.sampler_options)
         trained = load_model_from_run(target, use_ema=not args.no_ema)
+        args = with_run_defaults(args, trained)                   # a cluster run: --class data
         sampler, steps, options = run_settings(trained, args.sampler, args.steps, options, follows_data(args))
         prompts = text_prompts(args, trained)                            # a text run: the run's prompts or --prompt
         denoiser, classes, guidance = guided_denoiser(args, trained)     # every check before any sampling
@@ -182,13 +186,15 @@ def run(args) -> int:
     metrics, extras = ev.evaluate_images(images, data, networks=networks, n_ref=n_ref, split=args.split,
                                          kid=not args.no_kid, pr=not args.no_pr, memorize=not args.no_memorization,
                                          inception_weights=args.inception_weights)
-    if labels is not None and str(data).lower() == "mnist" and trained.num_classes == 10:
+    if labels is not None and str(data).lower() == "mnist" and trained.num_classes == 10 and not cluster_run(trained):
         from ..evaluate.digits import digit_accuracy
 
         metrics["digit_accuracy"] = digit_accuracy(images, labels.numpy())
     report.update(data=str(data), n=n, n_ref=n_ref, split=args.split, metrics=metrics)
     if trained is not None and args.nll_n > 0 and getattr(trained, "vae", None) is not None:
         report["nll_skipped"] = LATENT_NLL_NOTE
+    elif trained is not None and args.nll_n > 0 and cluster_run(trained) and not has_null(trained):
+        report["nll_skipped"] = CLUSTER_NLL_NOTE
     elif trained is not None and args.nll_n > 0:
         report["nll"] = _nll(args, trained, data)
     for line in _format(metrics):
@@ -293,6 +299,9 @@ def _nll(args, trained, data) -> dict:
         texts = [captions[int(i)] for i in ids] if ids is not None else [""] * len(idx)
         cond, given = {"encoder_hidden_states": te.encode(texts)}, ("their captions" if ids is not None
                                                                    else "the empty prompt")
+    elif cluster_run(trained):   # the held-out images' clusters are unknown: the null cluster, p(x) itself
+        cond = {"class_labels": torch.full((len(idx),), int(trained.null_cond["class_labels"]))}
+        given = "the null cluster (the unconditional model that cluster dropout trains)"
     else:
         cond = {"class_labels": cond["class_labels"]} if trained.num_classes and "class_labels" in cond else None
         given = "their labels" if cond is not None else None   # class-conditional: -log p(x | y), y their own

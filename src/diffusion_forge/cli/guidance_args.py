@@ -121,6 +121,23 @@ def follows_data(args) -> bool:
             and all(getattr(args, flag, None) is None for flag in ("classifier", "autoguidance", "guide_with")))
 
 
+def cluster_run(trained) -> bool:
+    """Whether a loaded run was trained on k-means cluster ids (conditioning.kind=cluster) rather than labels."""
+    return ((getattr(trained, "config", None) or {}).get("conditioning") or {}).get("kind") == "cluster"
+
+
+def with_run_defaults(args, trained):
+    """``args`` with the run's own default for ``--class``: a cluster run samples like the data (``--class data``;
+    its ids are k-means clusters, not classes a user asks for by number), other runs keep what was given."""
+    import copy
+
+    if getattr(args, "class_", None) is not None or not cluster_run(trained):
+        return args
+    out = copy.copy(args)
+    out.class_ = "data"
+    return out
+
+
 def parse_interval(text: str | None) -> tuple[float, float] | None:
     if text is None:
         return None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..io.files import IMAGE_SUFFIXES, PLOT_SUFFIXES
 from . import HelpFormatter, UserError, add_force
-from .guidance_args import CONVENTION, _run_name, add_guidance_args, check_args, follows_data, guided_denoiser
+from .guidance_args import CONVENTION, _run_name, add_guidance_args, check_args, follows_data, guided_denoiser, with_run_defaults
 
 # --precision's default: bf16 autocast where the hardware has it. benchmarks/throughput.py --fd measured it on the
 # default recipe: FD-Digits@1k 25.51 -> 25.78, less than a new draw of seeds moves it (docs/performance.md).
@@ -236,6 +236,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     precision = check_precision(args.precision, device)
     trained = load_model_from_run(args.run, use_ema=not args.no_ema, step=args.step, device=device)
+    args = with_run_defaults(args, trained)                   # a cluster run: --class data
     images = len(trained.sample_shape) == 3
     if out.suffix.lower() not in (".npz", *sample_suffixes(trained.sample_shape)):
         raise UserError(f"{out}: a grid of images is written as {', '.join(IMAGE_SUFFIXES)} (or .npz); "

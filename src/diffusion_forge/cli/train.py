@@ -11,6 +11,8 @@ EXAMPLES = """examples:
   dforge train --data mnist --conditioning class --out runs/mnist-cond     class-conditional (labels dropped to
                                                                 a null class 10% of the time: one model for
                                                                 conditional and unconditional sampling, and CFG)
+  dforge train --data photos/ --conditioning cluster --out runs/photos-clu  no labels: k-means clusters of the
+                                                                images as classes, sampled like the data
   dforge train --data mnist --conditioning text --out runs/mnist-text     text prompts: captions "a handwritten
                                                                 seven", ...; then dforge sample --prompt "..."
   dforge train --data mnist --out runs/sd --set diffusion.schedule=scaled_linear \\
@@ -41,8 +43,10 @@ def register(sub) -> None:
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                    help="override one config key, e.g. optim.lr=1e-3 (repeatable); wins over --config")
     p.add_argument("--conditioning", metavar="KIND", default=None,
-                   help="none, class (condition on the data's class labels) or text (on its captions, through a "
-                        "frozen text encoder: conditioning.text_encoder) (same as --set conditioning.kind=...); "
+                   help="(same as --set conditioning.kind=...) none, class (condition on the data's class "
+                        "labels), cluster (on the ids of conditioning.clusters k-means clusters of the images: no "
+                        "labels needed; `dforge sample` then draws clusters from their shares, like the data) or "
+                        "text (on its captions, through a frozen text encoder: conditioning.text_encoder); "
                         "a label is replaced by the null class (a caption by the empty prompt) with probability "
                         "conditioning.dropout (default 0.1), which classifier-free guidance needs")
     p.add_argument("--latent", metavar="VAE", default=None,

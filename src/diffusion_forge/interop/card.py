@@ -42,7 +42,13 @@ images = (x / 2 + 0.5).clamp(0, 1)                                   # N x C x H
 ```"""
 
 
-def _usage(kind: str, sample_shape, num_classes: int, scheduler: str) -> str:
+def _usage(kind: str, sample_shape, num_classes: int, scheduler: str, clusters: bool = False) -> str:
+    if kind == "unet+scheduler" and clusters:
+        return (f"A cluster-conditional `UNet2DModel`: its {num_classes} class ids are k-means clusters of the "
+                f"training images (id {num_classes} is the null cluster), and `dforge.json` holds each cluster's "
+                "share p(c) of the training set (`class_frequencies`). To sample like the data, draw each image's "
+                "id from those shares, `labels = torch.multinomial(torch.tensor(p), 4, replacement=True)`, in "
+                "this loop:\n\n" + class_loop(sample_shape, scheduler))
     if kind == "unet+scheduler":
         return (f"A class-conditional `UNet2DModel` ({num_classes} classes, ids 0..{num_classes - 1}"
                 f"{f'; id {num_classes} is the null class of classifier-free guidance' if num_classes else ''}) "
@@ -93,7 +99,7 @@ def model_card(kind: str, config: dict, info: dict, metrics: list[dict], license
         parts += ["## Samples", "", f"![samples]({info['samples']})", "",
                   f"{info.get('samples_note', '')}", ""]
     parts += ["## Usage", "", _usage(kind, info.get("sample_shape") or (3, 32, 32), num_classes,
-                                     info.get("scheduler", "DDPMScheduler")), "",
+                                     info.get("scheduler", "DDPMScheduler"), bool(info.get("clusters"))), "",
               "## Metrics", "", _metrics(metrics), "",
               "## Recipe", "", "```json", json.dumps(recipe, indent=2, sort_keys=True, default=str), "```", ""]
     return "\n".join(parts)

@@ -2,7 +2,8 @@
 
     unconditional pixel run     -> DDPMPipeline: model_index.json, unet/ (UNet2DModel), scheduler/
     class-conditional run       -> unet/ (UNet2DModel with num_class_embeds = K [+ 1 null class]) + scheduler/
-                                   + dforge.json (classes, null class); the card holds a ten-line sampling loop
+                                   + dforge.json (classes, null class, the class shares p(c); a cluster run:
+                                   conditioning "cluster"); the card holds a ten-line sampling loop
     latent run (``D.vae``)      -> LDMPipeline (vqvae/ = the AutoencoderKL; LDMPipeline decodes z / scaling_factor)
     latent text run (``D.vae`` and ``D.text_encoder``) -> StableDiffusionPipeline: unet/, vae/, text_encoder/,
                                    tokenizer/, scheduler/ (the text encoder's config records use_attention_mask,
@@ -82,6 +83,10 @@ def _sample_grid(D, path: Path, settings: dict) -> str:
         prompts = list(settings.get("prompts") or [""])
         prompts = [prompts[i % len(prompts)] for i in range(n)]
         cond = {"encoder_hidden_states": D.text_encoder.encode(prompts)}
+    elif k and settings.get("clusters"):   # a cluster run: clusters drawn from their shares, like the data
+        from ..sampling.generate import data_class_labels
+
+        cond = {"class_labels": data_class_labels(D.class_frequencies, n, seed=0)}
     elif k:
         cond, labels = {"class_labels": torch.arange(n) % k}, [f"class {i % k}" for i in range(n)]
     w = getattr(D, "guidance_scale", None) if D.null_cond else None
@@ -89,7 +94,8 @@ def _sample_grid(D, path: Path, settings: dict) -> str:
                  sampler_options=settings.get("options") or None, cond=cond, guidance_scale=w)   # decoded images
     save_samples(x, path, raw=True)
     what = f"{settings.get('sampler', 'dpmpp_2m')}, {settings.get('steps', 20)} steps, seeds 0..{n - 1}"
-    return what + (f", CFG w = {w:g}" if w else "") + (", classes i mod K by row order" if labels else "")
+    clusters = ", clusters drawn from their shares p(c)" if k and settings.get("clusters") else ""
+    return what + (f", CFG w = {w:g}" if w else "") + (", classes i mod K by row order" if labels else clusters)
 
 
 def export_denoiser(D, out, force: bool = False, config: dict | None = None, metrics=(), name: str | None = None,
@@ -109,6 +115,7 @@ def export_denoiser(D, out, force: bool = False, config: dict | None = None, met
     shutil.rmtree(tmp, ignore_errors=True)          # left by an export that was killed
     unet, scheduler = diffusers_backbone(D.model), export_scheduler(D)
     num_classes = int(getattr(D, "num_classes", None) or 0)
+    conditioning = (config.get("conditioning") or {}).get("kind")      # "cluster": ids are k-means clusters
     try:
         tmp.mkdir(parents=True)
         if kind == "DDPMPipeline":
@@ -123,11 +130,13 @@ def export_denoiser(D, out, force: bool = False, config: dict | None = None, met
             null = (D.null_cond or {}).get("class_labels")
             write_json(tmp / "dforge.json", {"num_classes": num_classes, "null_class": null,
                                              "guidance_scale": getattr(D, "guidance_scale", None),
-                                             "step": getattr(D, "step", None)})
-        sample_cfg = dict((config.get("sample") or {}), prompts=prompts)
+                                             "step": getattr(D, "step", None), "conditioning": conditioning,
+                                             "class_frequencies": getattr(D, "class_frequencies", None)})
+        sample_cfg = dict((config.get("sample") or {}), prompts=prompts, clusters=conditioning == "cluster")
         note = _sample_grid(D, tmp / "samples.png", sample_cfg) if samples else None
         info = {"name": name or out.name, "step": getattr(D, "step", None), "sample_shape": list(D.sample_shape),
-                "num_classes": num_classes, "schedule": D.schedule.to_dict(), "prediction": D.prediction,
+                "num_classes": num_classes, "clusters": conditioning == "cluster",
+                "schedule": D.schedule.to_dict(), "prediction": D.prediction,
                 "scheduler": type(scheduler).__name__, "ema": ema,
                 "ema_decay": ema_decay or (config.get("ema") or {}).get("decay"),
                 "samples": "samples.png" if samples else None, "samples_note": f"Samples: {note}." if note else ""}

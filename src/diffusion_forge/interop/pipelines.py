@@ -274,7 +274,8 @@ def _denoiser(unet, scheduler, vae, text, pipe, kind: str, extra: dict, source: 
     default_scale = SUPPORTED.get(kind, (None, None, extra.get("guidance_scale")))[2]
     attached = dict(vae=vae, text_encoder=text, pipeline=pipe, pipeline_kind=kind, scheduler=scheduler,
                     num_classes=num_classes or None, source=source, step=extra.get("step"),
-                    guidance_scale=default_scale if null_cond else None)
+                    guidance_scale=default_scale if null_cond else None,
+                    class_frequencies=extra.get("class_frequencies"))   # p(c) of an exported class / cluster run
     for name, value in attached.items():   # plain attributes, not submodules: D's state_dict stays the network's
         object.__setattr__(D, name, value)
     return D

@@ -1,7 +1,8 @@
 """What a run is built from: its noise schedule, its data (batches of (x, cond)), and its network.
 
 Conditioning travels with the batch: a data set's ``get_batch(idx)`` gives ``(x, cond)`` with ``cond`` a
-dict (``{"class_labels": int64 (B,)}`` for labelled sets, ``{}`` otherwise). With ``conditioning.kind=class``
+dict (``{"class_labels": int64 (B,)}`` for labelled sets, ``{}`` otherwise; ``conditioning.kind=cluster`` puts the
+items' k-means cluster ids there instead, ``data.clusters``). With ``conditioning.kind=class`` (or cluster)
 the network gets ``num_class_embeds = K + 1`` for K classes: ids 0..K-1 are the classes and id K is the null
 class, which condition dropout puts in place of a label (and classifier-free guidance later samples with).
 ``conditioning.dropout=0`` trains no null class: K embeddings, ``null_cond`` None (so no classifier-free guidance).
@@ -82,9 +83,26 @@ class TrainingData:
         if cfg.data.flip and self.kind != "image":
             raise ConfigError(f"data.flip=true needs images, and {source!r} holds {self.kind}s of shape "
                               f"{self.sample_shape}; drop data.flip")
-        self.conditional = cfg.conditioning.kind == "class"
-        self.num_classes = self._check_labels(cfg, ds) if self.conditional else 0
-        self.class_frequencies = class_frequencies(ds, self.num_classes) if self.conditional else None
+        self.conditional = cfg.conditioning.kind in ("class", "cluster")
+        self.cluster_ids = self._clusters(cfg, ds) if cfg.conditioning.kind == "cluster" else None
+        if self.cluster_ids is not None:   # K cluster ids stand in for labels; p(c): each cluster's share
+            self.num_classes = cfg.conditioning.clusters
+            counts = torch.bincount(self.cluster_ids, minlength=self.num_classes).double()
+            self.class_frequencies = (counts / counts.sum()).tolist()
+        else:
+            self.num_classes = self._check_labels(cfg, ds) if self.conditional else 0
+            self.class_frequencies = class_frequencies(ds, self.num_classes) if self.conditional else None
+
+    @staticmethod
+    def _clusters(cfg: Config, ds) -> torch.Tensor:
+        """kind=cluster: the k-means cluster id of every training item (data.clusters), drawn by run.seed."""
+        from ..data.clusters import cluster_ids
+
+        k = cfg.conditioning.clusters
+        if k > len(ds):
+            raise ConfigError(f"conditioning.clusters={k} is more than the {len(ds)} items of {cfg.data.source!r}; "
+                              f"set conditioning.clusters to at most {len(ds)} (a few items per cluster or more)")
+        return cluster_ids(ds, k, seed=cfg.run.seed)
 
     @staticmethod
     def _text_setup(cfg: Config, ds):
@@ -140,6 +158,8 @@ class TrainingData:
             return x.float(), {"encoder_hidden_states": self.text_encoder.encode(prompts)}
         if not self.conditional:
             return x.float(), {}
+        if self.cluster_ids is not None:  # kind=cluster: the items' cluster ids are their classes
+            return x.float(), {"class_labels": self.cluster_ids[torch.as_tensor(idx).long()]}
         if isinstance(cond, dict):  # the data protocol: a dict of batched tensors
             labels = cond.get("class_labels")
         elif isinstance(cond, list):  # items without get_batch

@@ -82,11 +82,14 @@ class ModelConfig:
 
 @dataclass
 class ConditioningConfig:
-    kind: str = knob("none", "none | class (class labels of the data) | text (captions of the data)")
+    kind: str = knob("none", "none | class (class labels of the data) | cluster (ids of conditioning.clusters "
+                             "k-means clusters of the training images: no labels needed; samples draw the cluster "
+                             "from its share, like `--class data`) | text (captions of the data)")
     dropout: float = knob(0.1, "probability that a sample's condition is replaced by the null class (class) or the "
                                "empty prompt (text) during training (used when kind != none; 0: no null "
                                "condition, so no classifier-free guidance)")
     num_classes: int | None = knob(None, "number of classes (none: from the data)")
+    clusters: int = knob(50, "kind=cluster: K, the number of k-means clusters (data/clusters.py; 50 measured on MNIST)")
     text_encoder: str = knob("all-MiniLM-L6-v2", "frozen text encoder of kind=text: all-MiniLM-L6-v2 (bundled, "
                                                  "offline) or a Hugging Face model name or folder")
     max_length: int = knob(32, "prompt tokens fed to cross-attention (padded / truncated to this)")
@@ -159,7 +162,10 @@ NOISE_LEVELS = ("uniform", "log_normal")   # core.losses.sample_timesteps
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 MODEL_TYPES = ("unet", "mlp", "diffusers_unet", "diffusers_cond_unet")
-CONDITIONING_KINDS = ("none", "class", "text")
+CONDITIONING_KINDS = ("none", "class", "cluster", "text")
+# What a run's own samples (grids, the demo, `dforge sample` with no --class) are, per conditioning.kind: the key of
+# sampling.registry.resolve_sampler's tables. A cluster run samples like the data (clusters drawn from p(c)).
+SAMPLES_OF_KIND = {"none": "unconditional", "class": "conditional", "cluster": "data", "text": "conditional"}
 
 
 class ConfigError(ValueError):
@@ -285,6 +291,11 @@ def validate(cfg: Config) -> None:
                           "(epsilon is undefined at SNR 0)")
     _check_betas(d)
     _check_guidance(cfg)
+    if c.clusters < 2:
+        raise ConfigError(f"conditioning.clusters must be >= 2, got {c.clusters}")
+    if c.kind == "cluster" and c.num_classes is not None:
+        raise ConfigError("conditioning.num_classes does not apply to conditioning.kind=cluster: set the number of "
+                          "clusters with conditioning.clusters")
     if c.num_classes is not None and c.num_classes < 1:
         raise ConfigError(f"conditioning.num_classes must be >= 1 or none, got {c.num_classes}")
     if cfg.data.image_size is not None and cfg.data.image_size < 1:
@@ -315,11 +326,11 @@ def recommended_guidance_scale(config) -> float | None:
     """The classifier-free guidance scale w a run samples with when none is given, from its config (a
     :class:`Config` or a nested / flat dict, e.g. ``load_model_from_run(RUN).config``): ``sample.guidance_scale``
     when set; else :data:`RECOMMENDED_GUIDANCE_SCALE` for a class-conditional run with a null class
-    (``conditioning.dropout > 0``); else None (no classifier-free guidance)."""
+    (``conditioning.dropout > 0``); else None (no classifier-free guidance; a cluster run samples like the data)."""
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
     if cfg.sample.guidance_scale is not None:
         return float(cfg.sample.guidance_scale)
-    if cfg.conditioning.kind != "none" and cfg.conditioning.dropout > 0:
+    if cfg.conditioning.kind in ("class", "text") and cfg.conditioning.dropout > 0:   # cluster runs follow the data
         return float(RECOMMENDED_TEXT_GUIDANCE_SCALE if cfg.conditioning.kind == "text" else RECOMMENDED_GUIDANCE_SCALE)
     return None
 

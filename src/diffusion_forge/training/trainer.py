@@ -31,7 +31,7 @@ from ..core.losses import diffusion_loss, sample_timesteps
 from ..io.checkpoint import latest_checkpoint, save_checkpoint
 from ..io.files import atomic_write_text
 from .build import TrainingData, build_network, build_schedule, null_class, weights_digest
-from .config import Config, recommended_guidance_scale
+from .config import SAMPLES_OF_KIND, Config, recommended_guidance_scale
 from .determinism import batch_indices, dropout_mask, seed_global_rng, step_noise
 from .ema import EMA
 from .loop import run_loop
@@ -55,7 +55,7 @@ class Trainer:
         self.cfg, self.run_dir, self.progress, self.max_seconds = cfg, Path(run_dir), progress, max_seconds
         # the grids' sampler, checked now rather than after the last step
         self.sampler = resolve_sampler(cfg.sample.sampler, cfg.sample.steps, cfg.sample.options,
-                                       samples="unconditional" if cfg.conditioning.kind == "none" else "conditional")
+                                       samples=SAMPLES_OF_KIND[cfg.conditioning.kind])
         self.acc = accelerator or make_accelerator(cfg.run.device)
         self.device = self.acc.device
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
@@ -267,10 +267,15 @@ class Trainer:
         return D
 
     def sample_cond(self, n: int) -> dict | None:
-        """Class labels 0, 1, ..., K-1, 0, 1, ... for n samples of a class-conditional run; a text run: the
-        token states of its fixed prompts, sample i prompt i mod P (None otherwise)."""
+        """Class labels 0, 1, ..., K-1, 0, 1, ... for n samples of a class-conditional run (a cluster run: clusters
+        drawn from p(c) by seed, as `dforge sample --class data`); a text run: the token states of its fixed
+        prompts, sample i prompt i mod P (None otherwise)."""
         if self.text_encoder is not None:
             return {"encoder_hidden_states": self.text_encoder.encode(self.sample_prompts(n))}
+        if self.cfg.conditioning.kind == "cluster":   # like the data: cluster c ~ p(c), sample i from seed i
+            from ..sampling.generate import data_class_labels
+
+            return {"class_labels": data_class_labels(self.data.class_frequencies, n, seed=0)}
         return {"class_labels": torch.arange(n) % self.num_classes} if self.num_classes else None
 
     def sample_prompts(self, n: int) -> list[str]:
@@ -303,7 +308,8 @@ class Trainer:
         if self.text_encoder is not None:   # one row per prompt, labelled with it
             rows = [repr(p) for p in self.sample_prompts(n)]
         else:
-            rows = None if cond is None else [self.class_names()[int(c)] for c in cond["class_labels"]]
+            rows = None if cond is None or self.cfg.conditioning.kind == "cluster" else \
+                [self.class_names()[int(c)] for c in cond["class_labels"]]
         return save_samples(x, self.run_dir / "samples" / f"step-{self.step:08d}.png",
                             title=f"{self.run_dir.name}, step {self.step} ({name}, {steps} steps{guided})",
                             row_labels=rows)

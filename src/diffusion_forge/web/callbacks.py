@@ -84,18 +84,22 @@ class Callbacks:
         # "data" (shown with what it means; its value stays "data") where the run recorded its class shares p(c)
         data = [(DATA_CHOICE, "data")] if K and f["class_shares"] is not None else []
         classes = ["all", *data, *map(str, range(K))] if K else ["none"]
+        if f["clusters"] and data:           # a cluster run samples like the data unless asked otherwise
+            classes = [*data, "all", *map(str, range(K))]
         own = f["sampler"]
         if own is None:                      # sample.sampler none: the registry's default for the budget
             from ..sampling.registry import default_sampler
 
-            name, options = default_sampler(f["steps"], "conditional" if K or f["text"] else "unconditional")
+            kind = "data" if f["clusters"] else "conditional" if K or f["text"] else "unconditional"
+            name, options = default_sampler(f["steps"], kind)
             own = f"the default, {name}" + "".join(f" {k}={v}" for k, v in options.items())
         info = (f"step {f['step']}, samples of shape {f['sample_shape']}; "
-                f"{f'{K} classes' if K else 'unconditional'}"
+                f"{f'{K} k-means clusters (sampled like the data)' if f['clusters'] else f'{K} classes' if K else 'unconditional'}"
                 f"{', guidance w = ' + format(f['guidance_scale'] or 1, 'g') + ' recommended' if f['guidable'] else ''}"
                 f"{', text prompts' if f['text'] else ''}; its own sampler: {own}, {f['steps']} steps")
+        w = 1 if classes[0] == "data" or not f["guidable"] else f["guidance_scale"]
         return (gr.update(choices=classes, value=classes[0], visible=bool(K)),
-                gr.update(value=f["guidance_scale"] if f["guidable"] else 1, visible=f["guidable"]),
+                gr.update(value=w, visible=f["guidable"]),
                 gr.update(visible=f["text"]), gr.update(visible=f["text"]), gr.update(value=f["steps"]), info)
 
     def class_guidance(self, model, class_, previous):

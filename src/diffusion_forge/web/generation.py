@@ -79,6 +79,7 @@ def model_facts(D) -> dict:
     own = (getattr(D, "config", None) or {}).get("sample", {}) or {}
     return {"num_classes": int(getattr(D, "num_classes", 0) or 0), "guidable": bool(getattr(D, "null_cond", None)),
             "class_shares": getattr(D, "class_frequencies", None),     # p(c) of the training labels, or None
+            "clusters": ((getattr(D, "config", None) or {}).get("conditioning") or {}).get("kind") == "cluster",
             "guidance_scale": getattr(D, "guidance_scale", None), "text": getattr(D, "text_encoder", None) is not None,
             "sampler": own.get("sampler"), "steps": int(own.get("steps") or 20),
             "sample_shape": tuple(getattr(D, "sample_shape", ()) or ()), "step": getattr(D, "step", None)}
@@ -139,6 +140,8 @@ def check_request(D, sampler=None, steps=None, seed=0, n=16, class_=None, guidan
         raise ValueError(f"unknown sampler {sampler!r}; choose from: {', '.join(SAMPLERS)} (or auto)")
     K = facts["num_classes"]
     class_ = None if class_ is None else str(class_).strip().lower()
+    if facts["clusters"] and class_ in (None, ""):      # a cluster run: like the data unless a class is asked for
+        class_ = "data"
     labels = None
     if class_ == "data":
         why = ("is unconditional: it has no classes (leave the class on none)" if not K else
