@@ -20,9 +20,10 @@ used as an unconditional generator, p(x) = sum_c p(c) p(x | c): sample i draws i
 set's digit shares p(c) that the run records (``sampling.generate.data_class_labels``, seed i), then the image
 from the conditional network at w = 1 (no guidance: one network call per step) with the sampler rule of
 unconditional samples; ``dforge sample RUN --class data`` draws the same samples. It needs labels, so it is
-an option, not the default recipe. ``--conditioning cluster``: the same with the ids of 50 k-means clusters of
-the training images in place of labels (``conditioning.kind=cluster``, data/clusters.py; the clustering runs
-inside the timed budget), sampled the same way with clusters drawn from their shares; it needs no labels.
+an option, not the default recipe. ``--conditioning cluster``: the same with the ids of k-means clusters of the
+training images in place of labels (``conditioning.kind=cluster``, ``conditioning.clusters`` 100 by default,
+data/clusters.py; the clustering runs inside the timed budget), sampled the same way with clusters drawn from
+their shares; it needs no labels.
 
 ``--autoguidance W``: ours sampled as `dforge sample RUN --autoguidance --autoguidance-scale W`, guided by the
 run's own autoguidance snapshot (its weights at run.guide_snapshot_step, 500): x0 = x0_weak + W (x0_main -

@@ -89,7 +89,8 @@ class ConditioningConfig:
                                "empty prompt (text) during training (used when kind != none; 0: no null "
                                "condition, so no classifier-free guidance)")
     num_classes: int | None = knob(None, "number of classes (none: from the data)")
-    clusters: int = knob(50, "kind=cluster: K, the number of k-means clusters (data/clusters.py; 50 measured on MNIST)")
+    clusters: int = knob(100, "kind=cluster: K, the number of k-means clusters (data/clusters.py; chosen on MNIST "
+                                "among 10, 50, 100 and 200: docs/training.md, \"Cluster conditioning\")")
     text_encoder: str = knob("all-MiniLM-L6-v2", "frozen text encoder of kind=text: all-MiniLM-L6-v2 (bundled, "
                                                  "offline) or a Hugging Face model name or folder")
     max_length: int = knob(32, "prompt tokens fed to cross-attention (padded / truncated to this)")
