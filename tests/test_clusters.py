@@ -181,3 +181,17 @@ def test_an_exported_cluster_run_carries_its_shares_and_says_what_its_ids_are(cl
     card = (out / "README.md").read_text()
     assert "k-means clusters of the training images" in card and "clusters drawn from their shares" in card
     assert load_pipeline(out).class_frequencies == pytest.approx(shares)
+
+
+def test_the_web_page_samples_a_cluster_run_like_the_data_unless_a_cluster_is_picked(cluster_run):
+    from diffusion_forge.io.checkpoint import load_model_from_run
+    from diffusion_forge.sampling.generate import data_class_labels
+    from diffusion_forge.web import generation as gen
+
+    D = load_model_from_run(cluster_run)
+    assert gen.model_facts(D)["clusters"] and not gen.model_facts(load_model_from_run(cluster_run)).get("text")
+    req = gen.check_request(D, None, 2, 7, 9, None, None, "", "")
+    assert torch.equal(req.labels, data_class_labels(D.class_frequencies, 9, 7)) and req.classes == "data"
+    assert req.guidance is None
+    one = gen.check_request(D, None, 2, 7, 9, "3", None, "", "")
+    assert torch.equal(one.labels, torch.full((9,), 3)) and one.classes is None

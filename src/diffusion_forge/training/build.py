@@ -131,7 +131,8 @@ class TrainingData:
         has, n, labels = _label_info(ds)
         if not has:
             raise ConfigError(f"conditioning.kind=class needs class labels, and data set {source!r} has none; use a "
-                              "labelled set (mnist, digits, an image folder with one sub-folder per class) or "
+                              "labelled set (mnist, digits, an image folder with one sub-folder per class), "
+                              "conditioning.kind=cluster (k-means clusters of the images stand in for labels) or "
                               "conditioning.kind=none")
         if labels is not None and bool((labels < 0).any()):
             raise ConfigError(f"conditioning.kind=class: {int((labels < 0).sum())} items of {source!r} have no "

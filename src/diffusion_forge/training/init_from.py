@@ -86,7 +86,7 @@ def _adopt_text(cfg: Config, source: str, D) -> None:
     """A Stable Diffusion source: conditioning.kind=text, its VAE, text encoder and prompt length (the keys left
     at their defaults; see the module docstring)."""
     c = cfg.conditioning
-    if c.kind == "class":
+    if c.kind in ("class", "cluster"):
         raise ConfigError(f"model.init_from={source} is a Stable Diffusion U-Net, conditioned on text: fine-tune it "
                           "with --conditioning text on captioned data (a folder with a metadata.jsonl)")
     if c.kind != "text":
