@@ -137,3 +137,42 @@ def test_time_to_quality_autoguidance_samples_what_dforge_sample_autoguidance_gi
     plain = ttq.draw(ttq.autoguided(D, run, None), 6, name, steps, options)
     assert (ttq.draw(ttq.autoguided(D, run, 1.0), 6, name, steps, options) == plain).all()
     assert (plain != ours).any()
+
+
+def test_cluster_conditioning_scores_each_run_as_dforge_sample_draws_it(tmp_path, monkeypatch):
+    """benchmarks/cluster_conditioning.py: a cluster run's blocks get clusters drawn from its shares with the
+    block's seed and the data rule's sampler (a cluster run's `dforge sample` default); purity counts each
+    cluster's most common digit; a bad --variant is refused by name."""
+    import pytest
+    import torch
+
+    import cluster_conditioning as cc
+    from diffusion_forge import training as T
+    from diffusion_forge.sampling.generate import data_class_labels
+    from diffusion_forge.sampling.registry import resolve_sampler
+
+    trainer = T.Trainer(T.merge_config(flags={"data.source": "digits", "model.preset": "tiny", "optim.steps": 1,
+                                              "run.mixed_precision": "no", **cc.variant_flags("cluster:4")}),
+                        tmp_path, progress=False)
+    seen = []
+    monkeypatch.setattr(cc, "draw", lambda D, n, name, steps, options, cond, seed: seen.append(
+        (n, (name, steps, options), cond, seed)) or torch.zeros(n, 1, 8, 8, dtype=torch.uint8))
+
+    class Score:
+        n = 30
+
+        def __call__(self, images):
+            return {"fd": 1.0, "recall": 1.0, "min_share": 0.1, "max_share": 0.1}
+
+    rows = cc.score_variant(trainer, Score(), [0, 2])
+    assert [(r["block"], r["nfe"]) for r in rows] == [(0, 10), (0, 20), (2, 10), (2, 20)]
+    for (n, sampler, cond, seed), nfe in zip(seen, (10, 20, 10, 20)):
+        assert n == 30 and sampler == resolve_sampler(None, nfe, {}, samples="data")
+        assert torch.equal(cond["class_labels"], data_class_labels(trainer.data.class_frequencies, 30, seed=seed))
+    assert [s for *_, s in seen] == [0, 0, 2000, 2000]
+    ids, labels = trainer.data.cluster_ids, torch.as_tensor(trainer.data.dataset.labels)
+    best = sum(max(int(((ids == j) & (labels == d)).sum()) for d in range(10)) for j in range(4))
+    assert cc.purity(trainer) == pytest.approx(best / len(ids))
+    assert cc.variant_flags("class") == {"conditioning.kind": "class"}
+    with pytest.raises(SystemExit, match="write none, class or cluster:K"):
+        cc.variant_flags("cluster:many")

@@ -15,6 +15,8 @@ null condition is the empty prompt's (L, D) states, which caption dropout trains
 from __future__ import annotations
 
 import hashlib
+import sys
+import time
 
 import numpy as np
 import torch
@@ -102,7 +104,11 @@ class TrainingData:
         if k > len(ds):
             raise ConfigError(f"conditioning.clusters={k} is more than the {len(ds)} items of {cfg.data.source!r}; "
                               f"set conditioning.clusters to at most {len(ds)} (a few items per cluster or more)")
-        return cluster_ids(ds, k, seed=cfg.run.seed)
+        start = time.perf_counter()
+        ids = cluster_ids(ds, k, seed=cfg.run.seed)
+        print(f"conditioning.kind=cluster: {len(ds)} items in {k} k-means clusters ({time.perf_counter() - start:.1f} s; "
+              f"the largest holds {int(torch.bincount(ids).max())})", file=sys.stderr)
+        return ids
 
     @staticmethod
     def _text_setup(cfg: Config, ds):
