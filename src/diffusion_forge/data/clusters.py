@@ -4,9 +4,8 @@
 instead of on labels, and samples it like the data: the cluster c ~ p(c), its share of the training items, then
 x ~ p(x | c), so the samples follow p(x) = sum_c p(c) p(x | c) (Adaloglou et al. 2024, "Rethinking
 cluster-conditioned diffusion models for label-free image synthesis"). On MNIST at a slow day's 2,400 steps, 100
-clusters of pixels take FD-Digits from about 2.2x the real-vs-real floor (unconditional) to about 1.4x, near the
-1.2x that the digit labels give; FD-EffNet, a second instrument, does not see that gain (docs/training.md,
-"Cluster conditioning").
+clusters of pixels take FD-Digits from 2.1-3.8x the real-vs-real floor (unconditional, three training seeds) to
+1.3-2.1x; FD-EffNet, a second instrument, does not see that gain (docs/training.md, "Cluster conditioning").
 
 The features are the items themselves: images average-pooled by an integer factor until the longer side is at
 most :data:`FEATURE_SIDE` pixels (MNIST's 28 px: 14 x 14), then flattened with their channels; vectors as they
