@@ -76,10 +76,12 @@ def model_facts(D) -> dict:
     """What the page offers for a model: classes (K, 0 for none; the training set's class shares p(c) that the
     run recorded, for the class "data"), guidance (a null condition to guide against, and the recommended
     scale w), a prompt (a ``.text_encoder``), its sampler defaults."""
+    from ..cli.guidance_args import cluster_run
+
     own = (getattr(D, "config", None) or {}).get("sample", {}) or {}
     return {"num_classes": int(getattr(D, "num_classes", 0) or 0), "guidable": bool(getattr(D, "null_cond", None)),
             "class_shares": getattr(D, "class_frequencies", None),     # p(c) of the training labels, or None
-            "clusters": ((getattr(D, "config", None) or {}).get("conditioning") or {}).get("kind") == "cluster",
+            "clusters": cluster_run(D),                                 # k-means ids: sampled like the data
             "guidance_scale": getattr(D, "guidance_scale", None), "text": getattr(D, "text_encoder", None) is not None,
             "sampler": own.get("sampler"), "steps": int(own.get("steps") or 20),
             "sample_shape": tuple(getattr(D, "sample_shape", ()) or ()), "step": getattr(D, "step", None)}
