@@ -4,11 +4,13 @@
     python benchmarks/time_to_quality.py --minutes 2 5 10 20 --out outputs/ttq
     python benchmarks/time_to_quality.py --minutes 10 --no-course --out outputs/ttq-ours   # ours only
 
-Ours: one fresh run per budget, the default recipe (`dforge train`'s defaults) with ``optim.steps`` set so
-that the run fits its budget: the steps per second of the recipe are measured first (a throw-away 40-step
-run in this process), then steps = rate x (60 x minutes - setup) x 0.97, with the trainer's time limit as a
-hard stop. The wall-clock column is the whole run, from building the trainer (data loading included) to the
-final checkpoint. Samples: the run's own sampler (``sample.sampler / steps / options`` of its config).
+Ours: one fresh run per budget, the default recipe (`dforge train`'s defaults) run as `dforge train --minutes M`
+(``optim.minutes``, training/budget.py): the trainer plans ``optim.steps`` from its own measured speed, every 20
+steps, so that the steps end at 97% of the budget counted from building the trainer (data loading included) and
+the learning rate's cosine ends with them; the budget is also a hard stop. The wall-clock column is the whole
+run, from building the trainer to the final checkpoint and grid. (Before session 22 the step count was planned
+once, from a throw-away 40-step run in this process, so a disturbance of the machine during those 40 steps
+moved the whole plan.) Samples: the run's own sampler (``sample.sampler / steps / options`` of its config).
 
 The course recipe (benchmarks/recipe.py, Hugging Face diffusion course unit 1): one run of the longest
 budget with its weights copied at each budget. Its learning rate is constant and it has no EMA, so a copy
@@ -43,7 +45,6 @@ import json
 import math
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -63,7 +64,6 @@ from diffusion_forge.sampling.generate import data_class_labels, generate  # noq
 from diffusion_forge.sampling.registry import resolve_sampler  # noqa: E402
 from diffusion_forge.training import Trainer, merge_config  # noqa: E402
 
-SAFETY = 0.97   # of the budget left after setup, for the steps (the final grid and checkpoint need the rest)
 SHARES = (0.07, 0.13)   # the target: every digit between 7% and 13% of the samples
 
 
@@ -105,30 +105,17 @@ def recipe_flags(seed: int, conditioning: str) -> dict:
     return {"data.source": "mnist", "run.seed": seed, "run.sample_every": 0, "conditioning.kind": conditioning}
 
 
-def recipe_rate(seed: int, conditioning: str = "none") -> float:
-    """Optimiser steps per second of the default recipe, from steps 20-60 of a throw-away run (a process's first
-    steps run slower while oneDNN builds its kernels, and 40 steps average out more of the machine's noise)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = merge_config(flags={**recipe_flags(seed, conditioning), "optim.steps": 60, "run.log_every": 20,
-                                  "run.guide_snapshot_step": 0})
-        Trainer(cfg, Path(tmp) / "probe", progress=False).fit()
-        lines = [json.loads(s) for s in (Path(tmp) / "probe" / "metrics.jsonl").read_text().splitlines()]
-    seconds = sum(cfg.optim.batch_size * 20 / line["images_per_s"] for line in lines[-2:])   # two blocks of 20
-    return 40 / seconds
-
-
-def train_ours(out: Path, minutes: float, rate: float, seed: int,
-               conditioning: str = "none") -> tuple[Denoiser, dict]:
+def train_ours(out: Path, minutes: float, seed: int, conditioning: str = "none") -> tuple[Denoiser, dict]:
+    """`dforge train --minutes MINUTES` of the recipe: the budget counts from building the trainer."""
     t0 = time.perf_counter()
-    trainer = Trainer(merge_config(flags=recipe_flags(seed, conditioning)), out, progress=True)   # the setup
-    setup = time.perf_counter() - t0
-    cfg = trainer.cfg                                    # the step count is only read from here on
-    cfg.optim.steps = max(cfg.optim.warmup_steps + 1, int(rate * (60 * minutes - setup) * SAFETY))
-    trainer.max_seconds = 60 * minutes - (time.perf_counter() - t0)
-    trainer.fit()
+    cfg = merge_config(flags={**recipe_flags(seed, conditioning), "optim.minutes": minutes})
+    trainer = Trainer(cfg, out, progress=True, started=t0)
+    summary = trainer.fit()
     wall = time.perf_counter() - t0
     s = cfg.sample
     return trainer.ema_denoiser().eval(), {"steps": trainer.step, "wall_s": wall,
+                                            "steps_per_s": trainer.step / summary["train_seconds"],
+                                            "time_limit": bool(summary.get("time_limit")),
                                             "sampler": (s.sampler, s.steps, dict(s.options)),
                                             "class_frequencies": trainer.data.class_frequencies}
 
@@ -187,14 +174,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     score = Scorer(args.n, args.seed)
     print(f"threads {torch.get_num_threads()}; floor at n={args.n}: {score.floor}", flush=True)
-    rate = recipe_rate(args.seed, args.conditioning)
-    print(f"our recipe (conditioning {args.conditioning}): {rate:.2f} steps/s", flush=True)
 
     rows = []
     for m in args.minutes:
         run = out / f"ours-{m:g}min"
         shutil.rmtree(run, ignore_errors=True)
-        D, info = train_ours(run, m, rate, args.seed, args.conditioning)
+        D, info = train_ours(run, m, args.seed, args.conditioning)
         p_c = info["class_frequencies"]                     # p(c) of a class-conditional run, else None
         cond = None if p_c is None else {"class_labels": data_class_labels(p_c, args.n, seed=0)}
         # as `dforge sample RUN --class data`: labels drawn from p(c), unguided, take the rule of such samples
@@ -203,7 +188,8 @@ def main(argv=None) -> int:
         info["autoguidance"] = args.autoguidance
         result = score(draw(D, args.n, name, steps, options, cond))
         rows.append({"minutes": m, "ours": {**info, **result}})
-        print(f"ours {m:g} min: {info['steps']} steps, {info['wall_s']:.0f} s, {result}", flush=True)
+        print(f"ours {m:g} min: {info['steps']} steps ({info['steps_per_s']:.2f} steps/s), {info['wall_s']:.0f} s, "
+              f"{result}", flush=True)
     course = [] if args.no_course else \
         train_course(60 * max(args.minutes), args.seed, snapshot_minutes=args.minutes)[1]["snapshots"]
     for row in rows[len(course):]:
@@ -239,7 +225,7 @@ def main(argv=None) -> int:
         print(f"  (n = {args.n} samples drawn at exactly the test set's digit proportions pass the share target "
               f"{null:.1%} of the time)")
     plot(rows, floor["fd"], out / "time-to-quality.png")
-    results = {"floor": floor, "rate_steps_per_s": rate, "conditioning": args.conditioning,
+    results = {"floor": floor, "conditioning": args.conditioning,
                "autoguidance": args.autoguidance, "rows": rows}
     write_json(out / "results.json", json.loads(json.dumps(results, default=str)))
     return 0

@@ -17,6 +17,8 @@ EXAMPLES = """examples:
                                                                 seven", ...; then dforge sample --prompt "..."
   dforge train --data mnist --out runs/sd --set diffusion.schedule=scaled_linear \\
       --set diffusion.beta_start=0.00085 --set diffusion.beta_end=0.012 --set diffusion.prediction=epsilon
+  dforge train --data mnist --minutes 10 --out runs/mnist10     as many steps as fit in 10 minutes on this
+                                                                machine (the learning rate ends on time)
   dforge train --out runs/mnist                                 resume (also after a crash or Ctrl-C)
   dforge train --out runs/mnist --set optim.steps=6000 --allow-changes
   dforge train --data mnist --overfit-batch                     does the pipeline learn at all?
@@ -66,8 +68,14 @@ def register(sub) -> None:
                    help="sanity check: train on one fixed batch and print whether the loss falls below "
                         "0.1 x its initial value (no run folder is written)")
     p.add_argument("--overfit-steps", type=int, default=300, help="steps of the --overfit-batch check")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="fit the whole run into this many minutes from the command's start (same as --set "
+                        "optim.minutes=...): optim.steps is planned, and re-planned every 20 steps, from the "
+                        "measured speed, so the cosine learning rate reaches its end on time on a fast machine or "
+                        "a slow one; the plan is written to config.json and metrics.jsonl")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop after this much training time, with a checkpoint (run again to go on)")
+                   help="pause after this much training time, with a checkpoint (run again to go on); the run "
+                        "keeps its optim.steps (--minutes fits the steps to the time instead)")
     p.add_argument("--print-config", action="store_true", help="print the merged config (nested JSON) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     p.set_defaults(func=run)
@@ -99,6 +107,8 @@ def _flags(args) -> dict:
         flags["conditioning.kind"] = args.conditioning
     if args.latent is not None:
         flags["data.latent"] = args.latent
+    if args.minutes is not None:
+        flags["optim.minutes"] = args.minutes
     if args.device is not None:
         flags["run.device"] = args.device
     if args.init_from is not None:
@@ -120,6 +130,9 @@ def _check_out(out: str):
 
 def run(args) -> int:
     import json
+    import time
+
+    started = time.perf_counter()    # optim.minutes counts from here
 
     from ..training import TrainingDiverged, merge_config, overfit_batch, run_config, train
     from . import UserError
@@ -149,7 +162,7 @@ def run(args) -> int:
     if changes:
         print("resuming with changed settings: " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     try:
-        summary = train(cfg, out, progress=not args.no_progress,
+        summary = train(cfg, out, progress=not args.no_progress, started=started,
                         max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     except TrainingDiverged as e:
         print(f"dforge train: error: {e}", file=sys.stderr)

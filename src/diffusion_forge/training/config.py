@@ -99,6 +99,9 @@ class ConditioningConfig:
 @dataclass
 class OptimConfig:
     steps: int = knob(2000, "optimiser steps in the whole run", "steps")
+    minutes: float | None = knob(None, "fit the run to this many minutes of wall clock: optim.steps is planned from "
+                                       "the measured step rate, so the learning rate decays to its end on time "
+                                       "(training/budget.py; none: a fixed optim.steps)")
     batch_size: int = knob(64, "global batch per optimiser step (all processes x accumulation)", "batch_size")
     grad_accum: int = knob(1, "micro-batches per optimiser step", "grad_accum")
     lr: float = knob(2e-3, "peak learning rate of AdamW", "lr")
@@ -274,6 +277,8 @@ def validate(cfg: Config) -> None:
                    "run.eval_every", "run.guide_snapshot_step"):
         at_least(dotted, 0)
     at_least("optim.lr", 0, strict=True)
+    if o.minutes is not None and not o.minutes > 0:
+        raise ConfigError(f"optim.minutes must be > 0 (or none for a fixed optim.steps), got {o.minutes}")
     for dotted in ("ema.decay", "optim.adam_beta1", "optim.adam_beta2", "conditioning.dropout"):
         if not 0 <= cfg.get(dotted) < 1:
             raise ConfigError(f"{dotted} must lie in [0, 1), got {cfg.get(dotted)}")

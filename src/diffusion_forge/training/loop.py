@@ -15,6 +15,7 @@ import torch
 from ..io.checkpoint import latest_checkpoint
 from ..io.files import write_json
 from ..io.runs import plot_loss
+from .budget import StepBudget
 from .precision import learning_rate
 
 
@@ -26,6 +27,7 @@ class Fit:
         self.t0 = self.window_start = time.perf_counter()
         self.window_loss, self.window_n = 0.0, 0
         self.start = 0
+        self.budget: StepBudget | None = None   # optim.minutes on a fresh run: the step count is planned
         self.summary: dict = {}
 
     # -- before the first step ------------------------------------------------------------------
@@ -40,6 +42,9 @@ class Fit:
             tr._truncate_metrics(tr.step)
             if resumed:
                 print(f"resuming {tr.run_dir} from step {tr.step}")
+            if resumed and self.cfg.optim.minutes is not None:
+                print(f"optim.minutes={self.cfg.optim.minutes:g} applies to the call that starts a run: this one "
+                      f"finishes the plan it was checkpointed with, optim.steps={self.cfg.optim.steps}")
         self.start = tr.step
         self.summary = {"run_dir": str(tr.run_dir), "start_step": self.start, "interrupted": False,
                         "precision": tr.precision}
@@ -50,9 +55,11 @@ class Fit:
             return
         n_params = sum(p.numel() for p in tr.unwrapped.parameters())
         cond = f", {tr.num_classes} classes (dropout {cfg.conditioning.dropout:g})" if tr.num_classes else ""
+        length = (f"{cfg.optim.steps} steps" if cfg.optim.minutes is None else
+                  f"{cfg.optim.minutes:g} minutes (steps planned from the measured speed)")
         print(f"training {tr.model_config.get('type', cfg.model.type)}/{cfg.model.preset} ({n_params / 1e6:.2f}M parameters) on "
-              f"{cfg.data.source} ({tr.data.n} items of shape {tr.sample_shape}{cond}) for {cfg.optim.steps} "
-              f"steps of batch {cfg.optim.batch_size}; {tr.world} process(es) on {tr.device}, "
+              f"{cfg.data.source} ({tr.data.n} items of shape {tr.sample_shape}{cond}) for {length} "
+              f"of batch {cfg.optim.batch_size}; {tr.world} process(es) on {tr.device}, "
               f"precision {tr.precision}")
 
     @contextlib.contextmanager
@@ -80,24 +87,50 @@ class Fit:
         """Train one step, check the loss, log; returns whether to stop (a signal or the time limit)."""
         tr = self.tr
         loss, grad_norm = tr.train_step(tr.step)
-        loss_value, stopping = self.reduce(loss)
+        plan = self.plan_steps(tr.step + 1)
+        loss_value, stopping, plan = self.reduce(loss, plan)
         if not math.isfinite(loss_value):
             raise tr.diverged(loss_value)
         tr.step += 1
+        if plan:
+            self.replan(plan)
         self.window_loss, self.window_n = self.window_loss + loss_value, self.window_n + 1
         if tr.step % self.cfg.run.log_every == 0 or tr.step == self.cfg.optim.steps or stopping:
             self.log(loss_value, grad_norm)
         return stopping
 
-    def reduce(self, loss: torch.Tensor) -> tuple[float, bool]:
-        """The mean loss over processes, and whether any process was asked to stop (or ran out of time)."""
-        tr = self.tr
-        out_of_time = tr.max_seconds is not None and time.perf_counter() - self.t0 > tr.max_seconds
-        stop = torch.tensor([loss.item(), float(tr._stop_signal is not None or out_of_time)])
+    def plan_steps(self, step: int) -> int:
+        """optim.minutes: record when step ``step`` ended; on a planning step, this process's plan of optim.steps
+        (training/budget.py). 0: no plan this step."""
+        if self.budget is None:
+            return 0
+        now = time.perf_counter()
+        self.budget.record(step, now)
+        return self.budget.plan(step, now, self.cfg.optim.warmup_steps) if self.budget.due(step) else 0
+
+    def replan(self, steps: int) -> None:
+        """Adopt a new optim.steps: config.json and the progress bar follow (checkpoints carry the config)."""
+        if steps == self.cfg.optim.steps:
+            return
+        self.cfg.optim.steps = steps
+        if self.main:
+            write_json(self.tr.run_dir / "config.json", self.cfg.to_dict())
+        if self.bar is not None:
+            self.bar.total = steps
+            self.bar.refresh()
+
+    def reduce(self, loss: torch.Tensor, plan: int = 0) -> tuple[float, bool, int]:
+        """The mean loss over processes, whether any process was asked to stop (or ran out of time), and the
+        processes' mean plan of optim.steps (every process plans on the same steps, so all adopt one number)."""
+        tr, now = self.tr, time.perf_counter()
+        out_of_time = (tr.max_seconds is not None and now - self.t0 > tr.max_seconds) or \
+            (self.budget is not None and self.budget.out_of_time(now))
+        stop = torch.tensor([loss.item(), float(tr._stop_signal is not None or out_of_time), float(plan)])
         if tr.world > 1:
             stop = tr.acc.reduce(stop.to(tr.device), reduction="sum").cpu()
             stop[0] /= tr.world
-        return float(stop[0]), bool(stop[1] > 0)
+            stop[2] /= tr.world
+        return float(stop[0]), bool(stop[1] > 0), round(float(stop[2]))
 
     def log(self, loss_value: float, grad_norm) -> None:
         """One metrics.jsonl record for the window of steps since the last one."""
@@ -106,6 +139,8 @@ class Fit:
                   "lr": learning_rate(tr.step - 1, self.cfg), "grad_norm": float(grad_norm),
                   "images_per_s": self.window_n * self.cfg.optim.batch_size / max(now - self.window_start, 1e-9),
                   "time": now - self.t0}
+        if self.budget is not None:
+            record["planned_steps"] = self.cfg.optim.steps
         if tr.precision == "fp16":
             record["loss_scale"] = tr.scaler.get_scale()
         if self.main:
@@ -168,6 +203,8 @@ def run_loop(trainer) -> dict:
     stopping = False
     with fit.signals_and_bar():
         fit.t0 = fit.window_start = time.perf_counter()
+        if fit.cfg.optim.minutes is not None and fit.start == 0:
+            fit.budget = StepBudget(fit.cfg.optim.minutes, trainer.started, fit.t0)
         while trainer.step < fit.cfg.optim.steps:
             stopping = fit.one_step()
             fit.keep_guide_snapshot()

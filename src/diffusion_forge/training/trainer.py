@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -47,7 +48,10 @@ class Trainer:
     """Train ``cfg`` into ``run_dir`` (resuming it when it holds checkpoints). See :meth:`fit`."""
 
     def __init__(self, cfg: Config, run_dir: str | os.PathLike, progress: bool = True,
-                 accelerator=None, max_seconds: float | None = None):
+                 accelerator=None, max_seconds: float | None = None, started: float | None = None):
+        """``started``: time.perf_counter() when the run's clock started (default: now), from which the budget of
+        optim.minutes counts; ``max_seconds``: stop (with a checkpoint) after this much time in fit()."""
+        self.started = time.perf_counter() if started is None else started
         from ..denoise.denoiser import Denoiser
         from ..sampling.registry import resolve_sampler
 
@@ -352,6 +356,7 @@ class Trainer:
         return run_loop(self)
 
 
-def train(cfg: Config, run_dir, progress: bool = True, max_seconds: float | None = None) -> dict:
+def train(cfg: Config, run_dir, progress: bool = True, max_seconds: float | None = None,
+          started: float | None = None) -> dict:
     """Train (or resume) a run; the library entry point behind ``dforge train``."""
-    return Trainer(cfg, run_dir, progress=progress, max_seconds=max_seconds).fit()
+    return Trainer(cfg, run_dir, progress=progress, max_seconds=max_seconds, started=started).fit()
