@@ -203,15 +203,22 @@ ROWS = [
         r"did you mean optim\.lr", area="training"),
     Row("train-class-without-labels", ["train", "--data", "{tmp}/imgs", "--out", "{tmp}/r", "--set", "model.preset=tiny",
                                        "--set", "conditioning.kind=class", *FAST_TRAIN], r"conditioning\.kind=class.*labels",
-        png_folder("imgs", [(8, 8)] * 4), area="training"),
+        png_folder("imgs", [(8, 8)] * 4), area="training", absent=["r"]),
     Row("train-text-without-captions", ["train", "--data", "moons", "--out", "{tmp}/r", "--set", "conditioning.kind=text",
-                                        *FAST_TRAIN], r"conditioning\.kind=text.*captions", area="training"),
+                                        *FAST_TRAIN], r"conditioning\.kind=text.*captions", area="training",
+        absent=["r"]),
     Row("train-text-folder-without-captions", ["train", "--data", "{tmp}/imgs", "--out", "{tmp}/r", "--set",
                                                "conditioning.kind=text", *FAST_TRAIN], r"conditioning\.kind=text.*captions",
-        png_folder("imgs", [(8, 8)] * 4), area="training/data"),
+        png_folder("imgs", [(8, 8)] * 4), area="training/data", absent=["r"]),
     Row("train-text-on-mlp", ["train", "--data", "digits", "--out", "{tmp}/r", "--set", "conditioning.kind=text", "--set",
                               "model.type=mlp", *FAST_TRAIN], r"conditioning\.kind=text needs a network with "
-                              r"cross-attention", area="training"),
+                              r"cross-attention", area="training", absent=["r"]),
+    Row("train-more-clusters-than-items", ["train", "--data", "digits", "--out", "{tmp}/new/r", "--conditioning",
+                                           "cluster", "--set", "conditioning.clusters=5000", *FAST_TRAIN],
+        r"conditioning\.clusters=5000 is more than the 1437 items.*at most 1437", area="training",
+        absent=["new"]),      # the run folder and its new parent are not left behind, empty
+    Row("train-minutes-zero", ["train", "--data", "moons", "--out", "{tmp}/r", "--minutes", "0", *FAST_TRAIN],
+        r"optim\.minutes must be > 0", area="training", absent=["r"]),
     Row("sample-prompt-without-text", ["sample", "{tmp}/run", "--prompt", "a handwritten three", "--out", "{tmp}/s.png"],
         r"--prompt needs a text-conditional run.*conditioning\.kind=none", v1_run, area="cli/text"),
     Row("train-print-config-head", ["train", "--data", "moons", "--out", "{tmp}/r", "--print-config"], r"^$",
@@ -223,7 +230,7 @@ ROWS = [
     Row("data-big-photo-warns", ["datasets", "--check", "{tmp}/big"], r"warning: .*image_size",
         png_folder("big", [(3000, 2000)], mode="RGB"), code=0, area="data"),
     Row("data-1x1-image", ["train", "--data", "{tmp}/tiny", "--out", "{tmp}/r", "--set", "model.preset=tiny", *FAST_TRAIN],
-        r"image_size", png_folder("tiny", [(1, 1)] * 4), area="training/data"),
+        r"image_size", png_folder("tiny", [(1, 1)] * 4), area="training/data", absent=["r"]),
 ]
 
 
@@ -291,6 +298,15 @@ def test_bad_input_gets_one_clear_line(row: Row, tmp_path, capsys, monkeypatch):
         assert not (tmp_path / name).exists(), f"[{row.area}] {name} was created"
     left = [name for name in after if name not in before and Path(name).name.startswith(".")]
     assert not left, f"[{row.area}] temporary files left: {left}"
+
+
+def test_a_run_folder_that_existed_is_kept_after_bad_input(tmp_path, capsys):
+    """Only the folders `dforge train` itself created are removed after bad input, and only while empty."""
+    (tmp_path / "mine").mkdir()
+    code = main(["train", "--data", "digits", "--out", str(tmp_path / "mine"), "--conditioning", "cluster",
+                 "--set", "conditioning.clusters=5000", *FAST_TRAIN])
+    assert code == 2 and "is more than the 1437 items" in capsys.readouterr().err
+    assert (tmp_path / "mine").is_dir()
 
 
 def test_16_bit_images_are_scaled_or_refused_by_name(tmp_path, capsys):

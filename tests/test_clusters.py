@@ -103,6 +103,19 @@ def test_a_cluster_runs_grids_draw_clusters_from_their_shares(tmp_path):
     assert trainer.sampler == resolve_sampler(None, 20, {}, samples="data")
 
 
+def test_a_cluster_runs_grid_says_it_was_drawn_like_the_data(tmp_path, monkeypatch):
+    import diffusion_forge.viz as viz
+
+    seen = {}
+    monkeypatch.setattr(viz, "save_samples", lambda x, path, title=None, row_labels=None: seen.update(
+        title=title, rows=row_labels, n=len(x)))
+    trainer = T.Trainer(T.merge_config(flags={**DIGITS, "optim.steps": 1, "sample.n": 8, "sample.steps": 2}),
+                        tmp_path, progress=False)
+    trainer.write_samples()
+    assert seen["n"] == 8 and seen["rows"] is None
+    assert seen["title"].endswith("clusters drawn from their shares, like the data)") and "CFG" not in seen["title"]
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"conditioning.clusters": 1}, r"conditioning.clusters must be >= 2, got 1"),
     ({"conditioning.num_classes": 10}, r"conditioning.num_classes does not apply to conditioning.kind=cluster"),

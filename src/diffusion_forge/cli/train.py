@@ -155,9 +155,10 @@ def run(args) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     from ..device import resolve_device
-    from ..io.files import check_writable_dir
+    from ..io.files import check_writable_dir, missing_ancestor, remove_empty_new_dirs
 
     resolve_device(cfg.run.device)  # --device cuda on a CPU-only torch: one line, before any work
+    new_dirs = missing_ancestor(out)
     check_writable_dir(out)
     if changes:
         print("resuming with changed settings: " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
@@ -167,6 +168,9 @@ def run(args) -> int:
     except TrainingDiverged as e:
         print(f"dforge train: error: {e}", file=sys.stderr)
         return 1
+    except BaseException:   # bad input found while building the run (or Ctrl-C then): leave no empty run folder
+        remove_empty_new_dirs(out, new_dirs)
+        raise
     if summary["interrupted"]:
         return 130
     if summary["step"] > summary["start_step"]:

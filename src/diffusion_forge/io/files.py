@@ -113,6 +113,33 @@ def check_writable_dir(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def missing_ancestor(folder: str | os.PathLike) -> Path | None:
+    """The topmost folder of ``folder``'s path (itself included) that does not exist yet; None if it exists."""
+    folder = Path(folder)
+    missing = None
+    for path in [folder, *folder.parents]:
+        if path.exists():
+            break
+        missing = path
+    return missing
+
+
+def remove_empty_new_dirs(folder: str | os.PathLike, top: Path | None) -> None:
+    """Undo check_writable_dir's mkdir after a failure: remove ``folder`` and its parents up to ``top`` (as
+    returned by :func:`missing_ancestor` before the mkdir) while they are empty. Anything written stays."""
+    if top is None:
+        return
+    path = Path(folder)
+    while True:
+        try:
+            path.rmdir()            # only ever removes an empty folder
+        except OSError:
+            return
+        if path == top:
+            return
+        path = path.parent
+
+
 def os_reason(e: OSError) -> str:
     """A short human reason for an OS error (full disk, read-only file system, permission, ...)."""
     reasons = {errno.ENOSPC: "no space left on the device (the disk is full)", errno.EROFS: "read-only file system",

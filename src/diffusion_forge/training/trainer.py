@@ -309,6 +309,8 @@ class Trainer:
         x = generate(self.ema_denoiser(), n, seed=0, sampler=name, steps=steps, sampler_options=options,
                      cond=cond, device=self.device, progress=self.progress, **self.guidance())
         guided = f", CFG w = {self.guidance_scale:g}" if self.guidance_scale is not None else ""
+        if self.cfg.conditioning.kind == "cluster":   # as `dforge sample RUN`: clusters c ~ p(c), unguided
+            guided = ", clusters drawn from their shares, like the data"
         if self.text_encoder is not None:   # one row per prompt, labelled with it
             rows = [repr(p) for p in self.sample_prompts(n)]
         else:
