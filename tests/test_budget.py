@@ -109,15 +109,15 @@ def test_the_budget_stops_a_run_that_cannot_keep_its_plan_and_a_resume_keeps_the
 
 
 def test_minutes_on_the_command_line_and_bad_values(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "diffusion_forge", "train", "--no-progress", "--minutes", "0.1",
+    run = subprocess.run([sys.executable, "-m", "diffusion_forge", "train", "--no-progress", "--minutes", "0.15",
                           "--out", str(tmp_path / "r"), *cli_flags()], capture_output=True, text=True,
                          env=ONE_THREAD, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "for 0.1 minutes (steps planned from the measured speed)" in run.stdout
+    assert "for 0.15 minutes (steps planned from the measured speed)" in run.stdout
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert saved["optim"]["minutes"] == 0.1 and latest_checkpoint(tmp_path / "r").step == saved["optim"]["steps"]
+    assert saved["optim"]["minutes"] == 0.15 and latest_checkpoint(tmp_path / "r").step == saved["optim"]["steps"]
     records = T.read_metrics(tmp_path / "r")
-    assert records[-1]["time"] <= 6.0                                  # the steps fit in 6 s (from the command)
+    assert records[-1]["time"] <= 0.97 * 9.0                           # the steps fit in 9 s (from the command)
     bad = subprocess.run([sys.executable, "-m", "diffusion_forge", "train", "--minutes", "0", "--out",
                           str(tmp_path / "bad"), *cli_flags()], capture_output=True, text=True, env=ONE_THREAD,
                          timeout=60)
@@ -130,7 +130,7 @@ def test_two_processes_adopt_one_plan(tmp_path):
     disagreement would hang the collective calls) and hold the same weights."""
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                          "-m", "diffusion_forge", "train", "--no-progress", "--minutes", "0.1", "--out",
+                          "-m", "diffusion_forge", "train", "--no-progress", "--minutes", "0.2", "--out",
                           str(tmp_path), *cli_flags({"run.checkpoint_every": 50})],
                          capture_output=True, text=True, env=ONE_THREAD, timeout=150, check=False)
     assert two.returncode == 0, two.stdout + two.stderr
