@@ -98,11 +98,10 @@ def check_output(path: str | os.PathLike, suffixes: Iterable[str] | None = None,
 def check_writable_dir(folder: str | os.PathLike) -> Path:
     """Create ``folder`` if needed and check that files can be created in it (by creating one)."""
     folder = Path(folder)
-    for parent in [folder, *folder.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"{parent} is a file, not a folder; choose an output path outside it")
-            break
+    top = missing_ancestor(folder)
+    existing = folder if top is None else top.parent     # the nearest folder of the path that exists
+    if not existing.is_dir():
+        raise OutputError(f"{existing} is a file, not a folder; choose an output path outside it")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".dforge-write-check.")

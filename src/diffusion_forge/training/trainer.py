@@ -308,16 +308,16 @@ class Trainer:
         cond = self.sample_cond(n)
         x = generate(self.ema_denoiser(), n, seed=0, sampler=name, steps=steps, sampler_options=options,
                      cond=cond, device=self.device, progress=self.progress, **self.guidance())
-        guided = f", CFG w = {self.guidance_scale:g}" if self.guidance_scale is not None else ""
+        how = f", CFG w = {self.guidance_scale:g}" if self.guidance_scale is not None else ""
         if self.cfg.conditioning.kind == "cluster":   # as `dforge sample RUN`: clusters c ~ p(c), unguided
-            guided = ", clusters drawn from their shares, like the data"
+            how = ", clusters drawn from their shares, like the data"
         if self.text_encoder is not None:   # one row per prompt, labelled with it
             rows = [repr(p) for p in self.sample_prompts(n)]
         else:
             rows = None if cond is None or self.cfg.conditioning.kind == "cluster" else \
                 [self.class_names()[int(c)] for c in cond["class_labels"]]
         return save_samples(x, self.run_dir / "samples" / f"step-{self.step:08d}.png",
-                            title=f"{self.run_dir.name}, step {self.step} ({name}, {steps} steps{guided})",
+                            title=f"{self.run_dir.name}, step {self.step} ({name}, {steps} steps{how})",
                             row_labels=rows)
 
     def evaluate(self) -> dict:
