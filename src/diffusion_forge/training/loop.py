@@ -56,7 +56,7 @@ class Fit:
         n_params = sum(p.numel() for p in tr.unwrapped.parameters())
         cond = f", {tr.num_classes} classes (dropout {cfg.conditioning.dropout:g})" if tr.num_classes else ""
         length = (f"{cfg.optim.steps} steps" if cfg.optim.minutes is None else
-                  f"{cfg.optim.minutes:g} minutes (steps planned from the measured speed)")
+                  f"{cfg.optim.minutes:g} minute{'' if cfg.optim.minutes == 1 else 's'} (steps planned from the measured speed)")
         print(f"training {tr.model_config.get('type', cfg.model.type)}/{cfg.model.preset} ({n_params / 1e6:.2f}M parameters) on "
               f"{cfg.data.source} ({tr.data.n} items of shape {tr.sample_shape}{cond}) for {length} "
               f"of batch {cfg.optim.batch_size}; {tr.world} process(es) on {tr.device}, "
