@@ -12,9 +12,9 @@ sampled as its own `dforge sample RUN` would draw it from the data's distributio
 class / cluster drawn from the run's recorded shares p(c), unguided (``--class data``; a cluster run's default).
 Scored with time_to_quality's scorer on ``--blocks`` blocks of 1,000 seeds at 10 and 20 NFE: FD-Digits@1k
 against the MNIST test set, recall, the digit shares; the floor is 1,000 training images drawn by ``--seed``.
-``--effnet`` adds FD-EffNet@1k, the second instrument of
-recipe_levers.py (EfficientNet-Lite0 features against 5,000 test images): K was chosen on FD-Digits, so a
-confirmation should not rest on FD-Digits alone. The purity of a cluster run (the share of training images whose digit is their cluster's most common one) is
+Every cell also shows FD-LeNet@1k (a second, independent MNIST classifier's features; since session 23), and
+``--effnet`` adds FD-EffNet@1k, the instrument of recipe_levers.py (EfficientNet-Lite0 features against 5,000
+test images): K was chosen on FD-Digits, so a confirmation should not rest on FD-Digits alone. The purity of a cluster run (the share of training images whose digit is their cluster's most common one) is
 printed for reading only: no label reaches a cluster run. A trained run and a scored variant are reused.
 Training runs one at a time; fixed step counts make the rows independent of the machine's speed.
 """
@@ -101,7 +101,8 @@ def main() -> None:
 
         effnet = DigitScorer(1000, seed=args.seed, effnet=True)
     for name in args.variant:
-        if name in results and (not args.effnet or "fd_effnet" in results[name]["rows"][0]):
+        first = results[name]["rows"][0] if name in results else {}
+        if "fd_lenet" in first and (not args.effnet or "fd_effnet" in first):
             continue
         trainer = train(args.out / name.replace(":", "-"), name, args.steps, args.seed)
         results[name] = {"purity": purity(trainer), "rows": score_variant(trainer, score, args.blocks, effnet)}
@@ -111,18 +112,21 @@ def main() -> None:
         floor_effnet = effnet.extra(effnet.floor_images)["fd_effnet"]
         print(f"FD-EffNet floor (1,000 training images): {floor_effnet:.1f}")
     print(f"\n{args.steps} steps, training seed {args.seed}; floor FD-Digits {floor['fd']:.2f}, recall "
-          f"{floor['recall']:.3f}; cells: FD-Digits / recall / digit shares [/ FD-EffNet]\n")
+          f"{floor['recall']:.3f}; FD-LeNet floor {floor['fd_lenet']:.2f}; cells: FD-Digits / recall / digit shares / "
+          f"FD-LeNet [/ FD-EffNet]\n")
     cells = [(b, n) for b in args.blocks for n in NFE]
-    print("| variant | purity | " + " | ".join(f"block {b}, {n} NFE" for b, n in cells) + " | mean FD |")
-    print("|---|---:|" + "---|" * len(cells) + "---:|")
+    print("| variant | purity | " + " | ".join(f"block {b}, {n} NFE" for b, n in cells) + " | mean FD | mean FD-LeNet |")
+    print("|---|---:|" + "---|" * len(cells) + "---:|---:|")
     for name in args.variant:
         r = results[name]
         rows = {(x["block"], x["nfe"]): x for x in r["rows"]}
         text = [f"{rows[c]['fd']:.2f} / {rows[c]['recall']:.3f} / {rows[c]['min_share']:.1%}-{rows[c]['max_share']:.1%}"
-                + (f" / {rows[c]['fd_effnet']:.1f}" if "fd_effnet" in rows[c] else "") for c in cells]
+                f" / {rows[c]['fd_lenet']:.2f}" + (f" / {rows[c]['fd_effnet']:.1f}" if "fd_effnet" in rows[c] else "")
+                for c in cells]
         mean = sum(rows[c]["fd"] for c in cells) / len(cells)
+        mean_lenet = sum(rows[c]["fd_lenet"] for c in cells) / len(cells)
         pur = "-" if r["purity"] is None else f"{r['purity']:.2f}"
-        print(f"| {name} | {pur} | " + " | ".join(text) + f" | {mean:.2f} |")
+        print(f"| {name} | {pur} | " + " | ".join(text) + f" | {mean:.2f} | {mean_lenet:.2f} |")
 
 
 if __name__ == "__main__":

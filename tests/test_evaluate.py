@@ -265,6 +265,33 @@ def test_digit_classifier_is_cached_by_recipe_hash(tiny_cache, monkeypatch):
     assert ev._digit_key({**TINY_RECIPE, "epochs": 2}) != ev._digit_key(TINY_RECIPE)
 
 
+def test_the_second_digit_classifier_is_another_network_trained_its_own_way(tmp_cache):
+    """FD-LeNet's classifier: LeNet's layout (no batch norm, 5x5 kernels, 256-d features), its own seed and
+    recipe, cached under its own key; the first classifier's key is what it was before the second existed."""
+    from diffusion_forge.io.files import content_key
+
+    second = ev.SECOND_DIGIT_RECIPE
+    assert ev._digit_key(ev.DIGIT_RECIPE) == content_key({"recipe": ev.DIGIT_RECIPE, "arch": repr(ev.DigitClassifier())})
+    assert ev._digit_key(second) != ev._digit_key(ev.DIGIT_RECIPE)
+    assert second["seed"] != ev.DIGIT_RECIPE["seed"] and not second["augment"] and second["outliers"] == 0
+    tiny = {**second, "limit": 2000, "epochs": 1, "test_limit": 500}
+    model = ev.digit_classifier(tiny, progress=False)
+    assert isinstance(model, ev.LeNetDigits)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert [m.kernel_size for m in model.modules() if isinstance(m, torch.nn.Conv2d)] == [(5, 5), (5, 5)]
+    images, labels = load_mnist("test")
+    assert model.features(images[:300]).shape == (300, 256)
+    assert (model.predict_proba(images[:300]).argmax(1).numpy() == labels[:300]).mean() > 0.5   # 2,000 images
+    assert model.test_accuracy > 0.5
+    (path,) = tmp_cache.glob("digit_classifier-*.safetensors")
+    assert ev._digit_key(tiny) in path.name
+    ev.digits._DIGIT_MODELS.clear()                    # loaded back from the file, as the same architecture
+    again = ev.digit_classifier(tiny, progress=False)
+    assert isinstance(again, ev.LeNetDigits) and torch.equal(again.fc.weight, model.fc.weight)
+    with pytest.raises(ValueError, match="unknown digit classifier arch 'vgg'.*cnn3, lenet"):
+        ev.digit_classifier({**tiny, "arch": "vgg"}, progress=False)
+
+
 # The shipped recipe at a budget that fits the test suite (about 5 s on one thread): one epoch over the first
 # 10,000 training images, outlier exposure and shifts as shipped. Measured: 96.9% accuracy on the first 2,000
 # test images, confidence 0.79 on real digits, 0.0 on noise and on blank images.

@@ -21,8 +21,9 @@ written atomically. Tests that swap a module-level setting patch the module that
 """
 from ..io.files import cache_dir
 from ..models.feature_nets import EFFNET_FEATURES, EfficientNetLite0, InceptionV3FID
-from .digits import (DIGIT_RECIPE, DigitClassifier, DigitFeatures, _digit_key as _digit_key, digit_classifier,
-                     digit_accuracy, digit_confidence_score, train_digit_classifier)
+from .digits import (DIGIT_RECIPE, SECOND_DIGIT_RECIPE, DigitClassifier, DigitFeatures, LeNetDigits,
+                     _digit_key as _digit_key, digit_classifier, digit_accuracy, digit_confidence_score,
+                     train_digit_classifier)
 from .features import (DIGIT_DATA, EFFNET_SIZE, FEATURE_NETWORKS, INCEPTION_ENV, INCEPTION_FILE, Coordinates,
                        EffNetFeatures, InceptionFeatures, as_model_images, default_networks,
                        efficientnet_weights_path, feature_network, inception_weights_path, load_reference_images,
@@ -35,8 +36,8 @@ from .pipeline import evaluate_during_training, evaluate_images
 
 __all__ = [
     "cache_dir", "EFFNET_FEATURES", "EfficientNetLite0", "InceptionV3FID",
-    "DIGIT_RECIPE", "DigitClassifier", "DigitFeatures", "digit_classifier", "digit_confidence_score", "digit_accuracy",
-    "train_digit_classifier",
+    "DIGIT_RECIPE", "SECOND_DIGIT_RECIPE", "DigitClassifier", "DigitFeatures", "LeNetDigits", "digit_classifier",
+    "digit_confidence_score", "digit_accuracy", "train_digit_classifier",
     "DIGIT_DATA", "EFFNET_SIZE", "FEATURE_NETWORKS", "INCEPTION_ENV", "INCEPTION_FILE", "Coordinates",
     "EffNetFeatures", "InceptionFeatures", "as_model_images", "default_networks", "efficientnet_weights_path",
     "feature_network", "inception_weights_path", "load_reference_images", "reference_features",
