@@ -17,7 +17,8 @@ euler_ancestral (eta 1), the current default and the best stochastic setting at 
 per-sample seeds (sample i: seed i) in every row. A class-conditional run (``dforge train --conditioning class``)
 is sampled as ``dforge sample RUN --class data`` samples it: sample i's class drawn from the training set's shares
 p(c) by seed i (``data_class_labels``), no guidance; its current default is the rule's for such samples
-(``DATA_CLASS_SAMPLERS``).
+(``DATA_CLASS_SAMPLERS``). A cluster-conditional run (``--conditioning cluster``) is sampled the same way, with
+clusters drawn from their shares, as `dforge sample RUN` draws it.
 FD = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) between Gaussians fitted to features: FD-Digits
 against the MNIST test set, FD-EffNet against the whole colour data set; precision / recall: k = 3
 nearest-neighbour manifolds against n real images. Targets: FD at 10 NFE <= 1.2 x, at 20 NFE <= 1.1 x, the best
@@ -144,11 +145,11 @@ def run_info(path: str, device: str, dry: bool) -> dict:
     D = df.load_model_from_run(p, device=device)
     cfg, shape = D.config, tuple(D.sample_shape)
     data, kind = cfg["data"]["source"], cfg["conditioning"]["kind"]
-    if getattr(D, "vae", None) is not None or kind not in ("none", "class"):
-        raise SystemExit(f"{p}: this benchmark scores pixel-space runs, unconditional or class-conditional "
+    if getattr(D, "vae", None) is not None or kind not in ("none", "class", "cluster"):
+        raise SystemExit(f"{p}: this benchmark scores pixel-space runs, unconditional, class- or cluster-conditional "
                          f"(this one is {'latent' if getattr(D, 'vae', None) is not None else kind + '-conditioned'})")
     p_c = getattr(D, "class_frequencies", None)
-    if kind == "class" and p_c is None:
+    if kind in ("class", "cluster") and p_c is None:
         raise SystemExit(f"{p}: a class-conditional run is scored as `dforge sample --class data` samples it, with "
                          "classes drawn from the training set's shares p(c), and this run records none (trained "
                          "before runs recorded them): train it again")

@@ -19,6 +19,9 @@ EXAMPLES = """examples:
       --set diffusion.beta_start=0.00085 --set diffusion.beta_end=0.012 --set diffusion.prediction=epsilon
   dforge train --data mnist --minutes 10 --out runs/mnist10     as many steps as fit in 10 minutes on this
                                                                 machine (the learning rate ends on time)
+  dforge train --data mnist --minutes 10 --conditioning cluster --out runs/mnist10c
+                                                                the best 10-minute model here (README, "Time
+                                                                to quality"): clusters, no labels
   dforge train --out runs/mnist                                 resume (also after a crash or Ctrl-C)
   dforge train --out runs/mnist --set optim.steps=6000 --allow-changes
   dforge train --data mnist --overfit-batch                     does the pipeline learn at all?
