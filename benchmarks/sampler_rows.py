@@ -80,8 +80,9 @@ def current_default(budget: int, samples: str = "unconditional") -> dict:
 
 
 def samples_of(rec: dict) -> str:
-    """What a run's rows are, for the rule: "data" for a class-conditional run (classes drawn from p(c))."""
-    return "data" if rec.get("info", {}).get("classes") == "data" else "unconditional"
+    """What a run's rows are, for the rule: "data" for a class- or cluster-conditional run (classes or clusters
+    drawn from p(c))."""
+    return "data" if rec.get("info", {}).get("classes") in ("data", "clusters") else "unconditional"
 
 
 def rank(records: list[dict], budget: int, grids=GRIDS) -> list[tuple[dict, str, float]]:

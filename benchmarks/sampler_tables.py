@@ -82,7 +82,9 @@ def markdown(path: str, rec: dict, budgets, ref_nfe: int) -> str:
     info, floor = rec["info"], rec["floor"]
     head = (f"### {path}: {info['kind']} {'x'.join(map(str, info['shape']))}, step {info['step']}, "
             f"{rec['metric']}@{evaluate.count_label(rec['n'])}"
-            + (", class-conditional, classes drawn from p(c) (`--class data`, w = 1)" if info.get("classes") else "")
+            + {"data": ", class-conditional, classes drawn from p(c) (`--class data`, w = 1)",
+               "clusters": ", cluster-conditional, clusters drawn from p(c) (as `dforge sample RUN`, w = 1)"
+               }.get(info.get("classes"), "")
             + "\n\nEach cell: FD (precision / recall"
             f"{', smallest-largest digit share' if info['kind'] == 'mnist' else ''}); rows by FD at "
             f"{rank_budget(budgets)} NFE.\n\n| sampler | options | grid | " + " | ".join(f"{b} NFE" for b in budgets)

@@ -161,7 +161,7 @@ def run_info(path: str, device: str, dry: bool) -> dict:
         raise SystemExit(f"{p}: data {data!r} of shape {shape}: scored are MNIST (1x28x28) and colour (3-channel) runs")
     return {"path": str(p), "kind": kind, "data": data, "shape": shape, "D": D, "step": D.step,
             "image_size": cfg["data"].get("image_size"), "channels": cfg["data"].get("channels"),
-            "class_frequencies": p_c}
+            "class_frequencies": p_c, "conditioning": cfg["conditioning"]["kind"]}
 
 
 class Bench:
@@ -333,8 +333,8 @@ def main(argv=None) -> int:
         print(f"\n{info['path']}: {info['kind']} {info['shape']}, step {info['step']}", flush=True)
         rec = results["runs"].setdefault(info["path"], {"rows": [], "reference": []})
         rec.update(info={k: info[k] for k in ("kind", "data", "shape", "step")}, n=args.n)
-        if info["class_frequencies"] is not None:       # a class-conditional run, sampled like the data
-            rec["info"]["classes"] = "data"
+        if info["class_frequencies"] is not None:       # a class- or cluster-conditional run, sampled like the data
+            rec["info"]["classes"] = "clusters" if info["conditioning"] == "cluster" else "data"
         bench = Bench(info, rec, args.n, save, effnet=args.effnet, seed=args.seed)
         rec["metric"] = bench.scorer.label
         ranking = rank(mnist(), rank_budget(args.budgets)) if info["kind"] == "colour" and mnist() else None

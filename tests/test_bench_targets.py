@@ -110,6 +110,27 @@ def test_a_class_conditional_run_is_scored_with_labels_drawn_like_the_data(monke
     assert seen[-1][1] is None
 
 
+def test_a_cluster_run_takes_the_rule_of_samples_drawn_like_the_data_and_says_what_it_is():
+    """samplers_trained on a cluster-conditional run: its default row is DATA_CLASS_SAMPLERS' (the rule `dforge
+    sample RUN` applies to it), as a class run's is, and its table's heading names clusters, not classes."""
+    data_default, plain_default = sr.current_default(20, "data"), sr.current_default(20, "unconditional")
+    assert sr.key(data_default, "default") != sr.key(plain_default, "default")      # s_tmax 3 against 5
+
+    def rec(classes):
+        scores = {"precision": 1.0, "recall": 1.0, "seconds": 1.0, "nfe": 20}
+        return {"info": {"kind": "mnist", "shape": (1, 28, 28), "step": 1, **({"classes": classes} if classes else {})},
+                "floor": {"fd": 1.0, "precision": 1.0, "recall": 1.0, "what": "real"}, "metric": "FD-Digits",
+                "n": 1000, "rows": [{**row(data_default, 20, 5.0), **scores}, {**row(plain_default, 20, 9.0), **scores}],
+                "reference": []}
+
+    assert tables.target_rows(rec("clusters"), "fd")["default 20"]["fd"] == 5.0
+    assert tables.target_rows(rec("data"), "fd")["default 20"]["fd"] == 5.0
+    assert tables.target_rows(rec(None), "fd")["default 20"]["fd"] == 9.0
+    heading = tables.markdown("r", rec("clusters"), [10, 20], 250).splitlines()[0]
+    assert "cluster-conditional, clusters drawn from p(c)" in heading and "class-conditional" not in heading
+    assert "class-conditional, classes drawn from p(c)" in tables.markdown("r", rec("data"), [10, 20], 250)
+
+
 def test_time_to_quality_autoguidance_samples_what_dforge_sample_autoguidance_gives(tmp_path):
     """time_to_quality --autoguidance W scores the samples of `dforge sample RUN --autoguidance --autoguidance-scale
     W` (the run's own snapshot as the weaker model), seed for seed; W = 1 is the unguided run, and W = 1.3 is not."""
