@@ -193,6 +193,11 @@ def test_an_exported_cluster_run_carries_its_shares_and_says_what_its_ids_are(cl
     assert meta["conditioning"] == "cluster" and meta["class_frequencies"] == pytest.approx(shares)
     card = (out / "README.md").read_text()
     assert "k-means clusters of the training images" in card and "clusters drawn from their shares" in card
+    # its sample grid is drawn with the rule `dforge sample RUN` applies to it, and the card names that sampler
+    from diffusion_forge.sampling.registry import resolve_sampler
+
+    name, steps, options = resolve_sampler(None, 20, samples="data")
+    assert f"Samples: {name} {options}, {steps} steps" in card and "Samples: None" not in card
     assert load_pipeline(out).class_frequencies == pytest.approx(shares)
 
 

@@ -75,6 +75,7 @@ def _check_out(out: Path, force: bool) -> None:
 def _sample_grid(D, path: Path, settings: dict) -> str:
     """A grid of 16 samples (seeds 0..15) into ``path``: classes i mod K, the run's sampler and guidance."""
     from ..sampling.generate import generate
+    from ..sampling.registry import resolve_sampler
     from ..viz import save_samples
 
     n, k = settings.get("n", 16), int(getattr(D, "num_classes", None) or 0)
@@ -90,10 +91,14 @@ def _sample_grid(D, path: Path, settings: dict) -> str:
     elif k:
         cond, labels = {"class_labels": torch.arange(n) % k}, [f"class {i % k}" for i in range(n)]
     w = getattr(D, "guidance_scale", None) if D.null_cond else None
-    x = generate(D, n, seed=0, sampler=settings.get("sampler", "dpmpp_2m"), steps=settings.get("steps", 20),
-                 sampler_options=settings.get("options") or None, cond=cond, guidance_scale=w)   # decoded images
+    # the run's sampler, or the rule `dforge sample RUN` applies to these samples (clusters drawn like the data)
+    samples = "data" if k and settings.get("clusters") else "conditional" if cond else "unconditional"
+    name, steps, options = resolve_sampler(settings.get("sampler", "dpmpp_2m"), settings.get("steps", 20),
+                                           settings.get("options") or {}, samples)
+    x = generate(D, n, seed=0, sampler=name, steps=steps, sampler_options=options, cond=cond,
+                 guidance_scale=w)   # decoded images
     save_samples(x, path, raw=True)
-    what = f"{settings.get('sampler', 'dpmpp_2m')}, {settings.get('steps', 20)} steps, seeds 0..{n - 1}"
+    what = f"{name} {options}, {steps} steps, seeds 0..{n - 1}" if options else f"{name}, {steps} steps, seeds 0..{n - 1}"
     clusters = ", clusters drawn from their shares p(c)" if k and settings.get("clusters") else ""
     return what + (f", CFG w = {w:g}" if w else "") + (", classes i mod K by row order" if labels else clusters)
 
