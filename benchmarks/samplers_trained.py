@@ -150,7 +150,7 @@ def run_info(path: str, device: str, dry: bool) -> dict:
                          f"(this one is {'latent' if getattr(D, 'vae', None) is not None else kind + '-conditioned'})")
     p_c = getattr(D, "class_frequencies", None)
     if kind in ("class", "cluster") and p_c is None:
-        raise SystemExit(f"{p}: a class-conditional run is scored as `dforge sample --class data` samples it, with "
+        raise SystemExit(f"{p}: a {kind}-conditional run is scored as `dforge sample --class data` samples it, with "
                          "classes drawn from the training set's shares p(c), and this run records none (trained "
                          "before runs recorded them): train it again")
     if str(data).lower() == "mnist" and shape == (1, 28, 28):

@@ -98,7 +98,7 @@ def _sample_grid(D, path: Path, settings: dict) -> str:
     x = generate(D, n, seed=0, sampler=name, steps=steps, sampler_options=options, cond=cond,
                  guidance_scale=w)   # decoded images
     save_samples(x, path, raw=True)
-    what = f"{name} {options}, {steps} steps, seeds 0..{n - 1}" if options else f"{name}, {steps} steps, seeds 0..{n - 1}"
+    what = f"{name}{f' {options}' if options else ''}, {steps} steps, seeds 0..{n - 1}"
     clusters = ", clusters drawn from their shares p(c)" if k and settings.get("clusters") else ""
     return what + (f", CFG w = {w:g}" if w else "") + (", classes i mod K by row order" if labels else clusters)
 
